@@ -1,0 +1,226 @@
+"""Losses: each gives per-sample values and their gradient; cross-entropies fuse with softmax/sigmoid.
+
+Math only, through the namespace ``xp`` passed in. The batch mean (and sample weights) are applied by :func:`reduce`.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+__all__ = [
+    "Loss", "MeanSquaredError", "MeanAbsoluteError", "Huber", "BinaryCrossentropy",
+    "CategoricalCrossentropy", "SparseCategoricalCrossentropy", "get", "reduce", "LOSSES",
+]
+
+_EPS = 1e-7  # probability clip for cross-entropies computed from probabilities (not logits)
+
+
+class Loss:
+    """Base class.
+
+    ``per_sample(pred, y, xp) -> (l, g)``: ``l`` of shape (batch,), ``g = dl/dpred`` of shape (batch, out).
+    A loss that can absorb an output activation names it in ``fuses`` and implements ``per_sample_logits``.
+    ``sparse`` losses take integer labels; the others take float targets shaped like the output.
+    """
+
+    name = "custom"
+    fuses: str | None = None
+    sparse = False
+
+    def __init__(self, from_logits: bool = False):
+        self.from_logits = bool(from_logits)
+
+    def per_sample(self, pred, y, xp):
+        raise NotImplementedError
+
+    def per_sample_logits(self, z, y, xp):
+        raise NotImplementedError(f"{self.name} cannot take logits")
+
+    def get_config(self) -> dict:
+        config = {"name": self.name}
+        if self.fuses:
+            config["from_logits"] = self.from_logits
+        return config
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+    def check_targets(self, y, n_outputs: int, name: str = "y"):
+        """Validate targets ``y`` (any namespace) against a model with ``n_outputs`` outputs; raise ValueError."""
+        xp = array_api_compat.array_namespace(y)
+        if self.sparse:
+            _check_labels(y, n_outputs, xp, name)
+            return
+        if y.ndim == 1 and n_outputs == 1:
+            return
+        if y.ndim != 2 or y.shape[1] != n_outputs:
+            raise ValueError(f"{name} must have shape (samples, {n_outputs}) to match the model's output, got {tuple(y.shape)}")
+
+    def target_kind(self) -> str:
+        return "int" if self.sparse else "float"
+
+
+def _check_labels(y, n_classes, xp, name):
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = xp.reshape(y, (-1,))
+    if y.ndim != 1:
+        raise ValueError(f"{name} must hold integer class labels of shape (samples,), got shape {tuple(y.shape)}; "
+                         "use categorical_crossentropy for one-hot targets")
+    if n_classes < 2:
+        raise ValueError(f"sparse_categorical_crossentropy needs an output of at least 2 units, got {n_classes}")
+    if xp.isdtype(y.dtype, "real floating"):
+        if not bool(xp.all(y == xp.round(y))):
+            raise ValueError(f"{name} must hold integer class labels, got non-integer values")
+    elif not xp.isdtype(y.dtype, "integral"):
+        raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    lo, hi = xp.min(y), xp.max(y)
+    if bool(lo < 0) or bool(hi >= n_classes):
+        raise ValueError(f"{name} labels must be in [0, {n_classes}), got values in [{int(lo)}, {int(hi)}]")
+
+
+def _as_column(y, xp):
+    return xp.reshape(y, (-1, 1)) if y.ndim == 1 else y
+
+
+def _mean_over_outputs(e, xp):
+    return xp.mean(e, axis=1)
+
+
+class MeanSquaredError(Loss):
+    name = "mse"
+
+    def per_sample(self, pred, y, xp):
+        r = pred - _as_column(y, xp)
+        return _mean_over_outputs(r * r, xp), (2.0 / pred.shape[1]) * r
+
+
+class MeanAbsoluteError(Loss):
+    name = "mae"
+
+    def per_sample(self, pred, y, xp):
+        r = pred - _as_column(y, xp)
+        return _mean_over_outputs(xp.abs(r), xp), xp.sign(r) / pred.shape[1]
+
+
+class Huber(Loss):
+    """Quadratic within ``delta`` of the target, linear beyond it."""
+
+    name = "huber"
+
+    def __init__(self, delta: float = 1.0):
+        super().__init__()
+        if not delta > 0:
+            raise ValueError(f"huber delta must be > 0, got {delta!r}")
+        self.delta = float(delta)
+
+    def per_sample(self, pred, y, xp):
+        r = pred - _as_column(y, xp)
+        a = xp.abs(r)
+        d = self.delta
+        e = xp.where(a <= d, 0.5 * r * r, d * (a - 0.5 * d))
+        return _mean_over_outputs(e, xp), xp.clip(r, -d, d) / pred.shape[1]
+
+    def get_config(self):
+        return {"name": self.name, "delta": self.delta}
+
+
+class BinaryCrossentropy(Loss):
+    """Mean binary cross-entropy over outputs; fused with a sigmoid output (or ``from_logits=True``)."""
+
+    name = "binary_crossentropy"
+    fuses = "sigmoid"
+
+    def per_sample(self, p, y, xp):
+        y = _as_column(y, xp)
+        p = xp.clip(p, _EPS, 1.0 - _EPS)
+        e = -(y * xp.log(p) + (1.0 - y) * xp.log(1.0 - p))
+        return _mean_over_outputs(e, xp), (p - y) / (p * (1.0 - p)) / p.shape[1]
+
+    def per_sample_logits(self, z, y, xp):
+        y = _as_column(y, xp)
+        ez = xp.exp(-xp.abs(z))
+        e = xp.maximum(z, 0.0) - z * y + xp.log1p(ez)
+        p = xp.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez))
+        return _mean_over_outputs(e, xp), (p - y) / z.shape[1]
+
+
+def _log_softmax(z, xp):
+    s = z - xp.max(z, axis=1, keepdims=True)
+    return s - xp.log(xp.sum(xp.exp(s), axis=1, keepdims=True))
+
+
+class CategoricalCrossentropy(Loss):
+    """Cross-entropy against one-hot (or soft) targets of shape (batch, classes); fused with softmax."""
+
+    name = "categorical_crossentropy"
+    fuses = "softmax"
+
+    def per_sample(self, p, y, xp):
+        pc = xp.clip(p, _EPS, 1.0)
+        return -xp.sum(y * xp.log(pc), axis=1), -y / pc
+
+    def per_sample_logits(self, z, y, xp):
+        logp = _log_softmax(z, xp)
+        p = xp.exp(logp)
+        return -xp.sum(y * logp, axis=1), p * xp.sum(y, axis=1, keepdims=True) - y
+
+
+class SparseCategoricalCrossentropy(Loss):
+    """Cross-entropy against integer labels of shape (batch,); fused with softmax."""
+
+    name = "sparse_categorical_crossentropy"
+    fuses = "softmax"
+    sparse = True
+
+    @staticmethod
+    def _one_hot(y, k, dtype, xp):
+        y = xp.reshape(y, (-1,))
+        return xp.astype(y[:, None] == xp.arange(k, dtype=y.dtype, device=array_api_compat.device(y)), dtype)
+
+    def per_sample(self, p, y, xp):
+        labels = xp.reshape(y, (-1, 1))
+        picked = xp.take_along_axis(p, labels, axis=1)[:, 0]
+        onehot = self._one_hot(y, p.shape[1], p.dtype, xp)
+        return -xp.log(xp.clip(picked, _EPS, 1.0)), -onehot / xp.clip(p, _EPS, 1.0)
+
+    def per_sample_logits(self, z, y, xp):
+        logp = _log_softmax(z, xp)
+        picked = xp.take_along_axis(logp, xp.reshape(y, (-1, 1)), axis=1)[:, 0]
+        return -picked, xp.exp(logp) - self._one_hot(y, z.shape[1], z.dtype, xp)
+
+
+LOSSES = {cls.name: cls for cls in (
+    MeanSquaredError, MeanAbsoluteError, Huber, BinaryCrossentropy, CategoricalCrossentropy, SparseCategoricalCrossentropy,
+)}
+_ALIASES = {"mean_squared_error": "mse", "mean_absolute_error": "mae", "bce": "binary_crossentropy",
+            "crossentropy": "categorical_crossentropy"}
+
+
+def get(loss) -> Loss:
+    """A loss from a name, a config dict or an instance."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, dict):
+        config = dict(loss)
+        name = config.pop("name", None)
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+        try:
+            return LOSSES[name](**config)
+        except TypeError as exc:
+            raise ValueError(f"bad arguments for loss {name!r}: {config!r} ({exc})") from exc
+    if isinstance(loss, str):
+        name = _ALIASES.get(loss, loss)
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
+        return LOSSES[name]()
+    raise TypeError(f"loss must be a name or a Loss, got {type(loss).__name__}")
+
+
+def reduce(per_sample_loss, per_sample_grad, xp, sample_weight=None):
+    """Batch mean of the loss and the matching gradient; ``sample_weight`` (batch,) weights each row."""
+    n = per_sample_loss.shape[0]
+    if sample_weight is None:
+        return xp.sum(per_sample_loss) / n, per_sample_grad * (1.0 / n)
+    return xp.sum(per_sample_loss * sample_weight) / n, per_sample_grad * (xp.reshape(sample_weight, (-1, 1)) / n)

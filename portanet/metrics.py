@@ -1,0 +1,112 @@
+"""Metrics computed on the device: each returns the batch *sum* as a 0-d array, averaged once per epoch.
+
+Math only, through ``xp``. ``logits=True`` means ``pred`` is pre-activation (softmax/sigmoid not applied).
+"""
+
+from __future__ import annotations
+
+__all__ = ["Metric", "Accuracy", "BinaryAccuracy", "TopKAccuracy", "MeanSquaredError", "MeanAbsoluteError", "get",
+           "METRICS"]
+
+
+def _labels(y, n_outputs, xp):
+    """Class labels (batch,) from integer labels or one-hot rows."""
+    if y.ndim == 2 and y.shape[1] == n_outputs and n_outputs > 1:
+        return xp.argmax(y, axis=1)
+    return xp.astype(xp.reshape(y, (-1,)), xp.int64)
+
+
+def _column(y, xp):
+    return xp.reshape(y, (-1, 1)) if y.ndim == 1 else y
+
+
+class Metric:
+    """Base class: ``batch_sum(pred, y, xp, logits) -> 0-d array``; the epoch value is the sum over samples / n."""
+
+    name = "metric"
+
+    def batch_sum(self, pred, y, xp, logits=False):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+class BinaryAccuracy(Metric):
+    """Fraction of outputs on the right side of 0.5 (of 0 for logits), averaged over outputs."""
+
+    name = "binary_accuracy"
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = float(threshold)
+
+    def batch_sum(self, pred, y, xp, logits=False):
+        cut = 0.0 if logits else self.threshold
+        hit = (pred > cut) == (_column(y, xp) > 0.5)
+        return xp.sum(xp.mean(xp.astype(hit, pred.dtype), axis=1))
+
+
+class Accuracy(Metric):
+    """Classification accuracy: argmax for several outputs, a 0.5 threshold for one output."""
+
+    name = "accuracy"
+
+    def batch_sum(self, pred, y, xp, logits=False):
+        if pred.shape[1] == 1:
+            return BinaryAccuracy().batch_sum(pred, y, xp, logits)
+        hit = xp.argmax(pred, axis=1) == _labels(y, pred.shape[1], xp)
+        return xp.sum(xp.astype(hit, pred.dtype))
+
+
+class TopKAccuracy(Metric):
+    """True class among the ``k`` highest outputs."""
+
+    name = "top_k_accuracy"
+
+    def __init__(self, k: int = 5):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"top_k_accuracy k must be a positive integer, got {k!r}")
+        self.k = k
+
+    def batch_sum(self, pred, y, xp, logits=False):
+        labels = xp.reshape(_labels(y, pred.shape[1], xp), (-1, 1))
+        true_score = xp.take_along_axis(pred, labels, axis=1)
+        rank = xp.sum(xp.astype(pred > true_score, xp.int64), axis=1)  # classes strictly above the true one
+        return xp.sum(xp.astype(rank < self.k, pred.dtype))
+
+    def get_config(self):
+        return {"name": self.name, "k": self.k}
+
+
+class MeanSquaredError(Metric):
+    name = "mse"
+
+    def batch_sum(self, pred, y, xp, logits=False):
+        r = pred - _column(y, xp)
+        return xp.sum(xp.mean(r * r, axis=1))
+
+
+class MeanAbsoluteError(Metric):
+    name = "mae"
+
+    def batch_sum(self, pred, y, xp, logits=False):
+        return xp.sum(xp.mean(xp.abs(pred - _column(y, xp)), axis=1))
+
+
+METRICS = {cls.name: cls for cls in (Accuracy, BinaryAccuracy, TopKAccuracy, MeanSquaredError, MeanAbsoluteError)}
+_ALIASES = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error": "mae"}
+
+
+def get(metric) -> Metric:
+    """A metric from a name, a config dict or an instance."""
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, dict):
+        config = dict(metric)
+        name = config.pop("name", None)
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
+        return METRICS[name](**config)
+    if isinstance(metric, str) and _ALIASES.get(metric, metric) in METRICS:
+        return METRICS[_ALIASES.get(metric, metric)]()
+    raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)}")
