@@ -116,7 +116,7 @@ class Device:
         if _library(x) != self.backend or not hasattr(x, "shape"):
             return False
         if self.backend == "numpy":
-            return isinstance(x, np.ndarray)
+            return isinstance(x, (np.ndarray, np.generic))
         return _same_device(self.backend, array_api_compat.device(x), self.device)
 
     def asarray(self, x, dtype=None):
@@ -311,7 +311,10 @@ def resolve_device(device="cpu", backend=None) -> Device:
     if name == "array_api_strict":
         aas = _import("array_api_strict")
         if isinstance(device, str):
-            device = aas.Device("CPU_DEVICE" if device.lower() == "cpu" else device)
+            try:
+                device = aas.Device("CPU_DEVICE" if device.lower() == "cpu" else device)
+            except ValueError:
+                pass
         if device not in aas.__array_namespace_info__().devices():
             raise ValueError(f"unknown array_api_strict device {device!r}; choose from {aas.__array_namespace_info__().devices()}")
         label = f"array_api_strict:{device._device}"

@@ -97,7 +97,7 @@ class Batches:
     def _send(self, a, rows, dtype):
         dev = self.device
         if isinstance(rows, slice):
-            return dev.asarray(a[rows], dtype)
+            return dev.asarray(a[(rows,) + (slice(None),) * (len(a.shape) - 1)], dtype)  # full index: array API rule
         lib = _library(a)
         if lib == "numpy" and isinstance(a, np.ndarray):
             return dev.asarray(a[rows], dtype)

@@ -5,6 +5,7 @@ Parameters are views into the model's flat buffer, bound by the model; math goes
 
 from __future__ import annotations
 
+import copy
 import math
 
 from . import activations
@@ -81,6 +82,13 @@ class Layer:
 
     def clear_cache(self) -> None:
         """Drop the activations kept for backward (to free memory or before moving devices)."""
+
+    def unbound_copy(self) -> "Layer":
+        """The same layer (custom activations included) without parameters, ready to bind to another model."""
+        twin = copy.copy(self)
+        twin.params, twin.grads, twin._xp = {}, {}, None
+        twin.clear_cache()
+        return twin
 
     def get_config(self) -> dict:
         return {"kind": self.kind, "name": self.name}

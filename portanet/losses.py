@@ -79,6 +79,11 @@ def _check_labels(y, n_classes, xp, name):
         raise ValueError(f"{name} labels must be in [0, {n_classes}), got values in [{int(lo)}, {int(hi)}]")
 
 
+def _unclipped(p, grad, high, xp):
+    """``grad`` where ``p`` lies inside the clip range [_EPS, high], 0 where the clip is active (flat loss)."""
+    return xp.where((p >= _EPS) & (p <= high), grad, 0.0)
+
+
 def _as_column(y, xp):
     return xp.reshape(y, (-1, 1)) if y.ndim == 1 else y
 
@@ -133,9 +138,9 @@ class BinaryCrossentropy(Loss):
 
     def per_sample(self, p, y, xp):
         y = _as_column(y, xp)
-        p = xp.clip(p, _EPS, 1.0 - _EPS)
-        e = -(y * xp.log(p) + (1.0 - y) * xp.log(1.0 - p))
-        return _mean_over_outputs(e, xp), (p - y) / (p * (1.0 - p)) / p.shape[1]
+        pc = xp.clip(p, _EPS, 1.0 - _EPS)
+        e = -(y * xp.log(pc) + (1.0 - y) * xp.log(1.0 - pc))
+        return _mean_over_outputs(e, xp), _unclipped(p, (pc - y) / (pc * (1.0 - pc)) / p.shape[1], 1.0 - _EPS, xp)
 
     def per_sample_logits(self, z, y, xp):
         y = _as_column(y, xp)
@@ -158,7 +163,7 @@ class CategoricalCrossentropy(Loss):
 
     def per_sample(self, p, y, xp):
         pc = xp.clip(p, _EPS, 1.0)
-        return -xp.sum(y * xp.log(pc), axis=1), -y / pc
+        return -xp.sum(y * xp.log(pc), axis=1), _unclipped(p, -y / pc, 1.0, xp)
 
     def per_sample_logits(self, z, y, xp):
         logp = _log_softmax(z, xp)
@@ -182,7 +187,7 @@ class SparseCategoricalCrossentropy(Loss):
         labels = xp.reshape(y, (-1, 1))
         picked = xp.take_along_axis(p, labels, axis=1)[:, 0]
         onehot = self._one_hot(y, p.shape[1], p.dtype, xp)
-        return -xp.log(xp.clip(picked, _EPS, 1.0)), -onehot / xp.clip(p, _EPS, 1.0)
+        return -xp.log(xp.clip(picked, _EPS, 1.0)), _unclipped(p, -onehot / xp.clip(p, _EPS, 1.0), 1.0, xp)
 
     def per_sample_logits(self, z, y, xp):
         logp = _log_softmax(z, xp)

@@ -11,7 +11,8 @@ from . import layers as _layers
 from . import losses as _losses
 from . import metrics as _metrics
 from . import optimizers as _optimizers
-from ._backend import Device, _library, dtype_name, host_rng, resolve_device, to_numpy
+from . import _backend
+from ._backend import Device, _library, dtype_name, host_rng, resolve_device
 from .callbacks import CallbackList, History
 from .data import Batches, check_array, check_lengths, concat_host
 
@@ -350,7 +351,7 @@ class Model:
         outs = []
         for xb, _, _ in Batches(x, batch_size=batch_size, device=self._device, dtype=self.dtype):
             out = self._forward(xb, training=False)
-            outs.append(to_numpy(out).copy() if to_numpy else out)
+            outs.append(_backend.to_numpy(out).copy() if to_numpy else out)
         for layer in self.layers:
             layer.clear_cache()
         if to_numpy:
@@ -388,8 +389,8 @@ class Model:
 
     def _clone(self, dtype=None) -> "Model":
         """A copy with the same architecture, weights and loss on the same device (optionally another dtype)."""
-        clone = Model([_layers.get(layer.get_config()) for layer in self.layers], device=self._device,
-                      dtype=dtype or self.dtype, seed=0)
+        clone = Model([layer.unbound_copy() for layer in self.layers], device=self._device, dtype=dtype or self.dtype,
+                      seed=0)
         clone.loss = copy.deepcopy(self.loss)
         if self.built:
             clone.build(self.input_dim)

@@ -35,7 +35,8 @@ class Optimizer:
 
     # -- state --------------------------------------------------------------------
     def _ensure_state(self, params):
-        ok = self.state and all(s.shape == params.shape and s.dtype == params.dtype for s in self.state.values())
+        ok = set(self.state) == set(self.slots) and all(
+            s.shape == params.shape and s.dtype == params.dtype for s in self.state.values())
         if not ok:
             xp = array_api_compat.array_namespace(params)
             self.state = {name: xp.zeros_like(params) for name in self.slots}

@@ -1,0 +1,149 @@
+"""Bad input raises a clear error naming the argument, the expected and the got; the model is left as it was."""
+
+import numpy as np
+import pytest
+
+import portanet as pn
+from portanet import to_numpy
+
+X = np.random.default_rng(0).standard_normal((20, 4))
+Y = np.arange(20) % 3
+
+
+@pytest.fixture
+def trained(device):
+    model = pn.Model([pn.Dense(5, "relu"), pn.Dense(3, "softmax")], device=device, seed=0)
+    model.compile("sparse_categorical_crossentropy", "adam", ["accuracy"])
+    model.fit(X, Y, epochs=1, verbose=0)
+    return model
+
+
+def _snapshot(model):
+    return {k: to_numpy(v).copy() for k, v in model.parameters().items()}, model.optimizer.iterations
+
+
+def _unchanged(model, snapshot):
+    params, iterations = snapshot
+    assert model.optimizer.iterations == iterations
+    for name, value in model.parameters().items():
+        np.testing.assert_array_equal(to_numpy(value), params[name])
+
+
+BAD_FIT = [
+    ("mismatched lengths", X, Y[:19], ValueError, r"y has 19 rows but x has 20"),
+    ("wrong feature width", X[:, :3], Y, ValueError, r"x has 3 features but the model expects 4"),
+    ("label too large", X, np.where(Y == 2, 3, Y), ValueError, r"labels must be in \[0, 3\), got values in \[0, 3\]"),
+    ("negative label", X, Y - 1, ValueError, r"labels must be in \[0, 3\)"),
+    ("non-integer labels", X, Y + 0.5, ValueError, r"integer class labels"),
+    ("strings", np.full((20, 4), "a"), Y, TypeError, r"x must hold numbers .*got dtype <U1"),
+    ("objects", np.array([[object()] * 4] * 20), Y, TypeError, r"x must hold numbers"),
+    ("ragged lists", [[1, 2], [3]], Y, TypeError, r"x must be a numeric array"),
+    ("empty x", X[:0], Y[:0], ValueError, r"x is empty: expected at least one sample, got shape \(0, 4\)"),
+    ("images not flattened", X.reshape(20, 2, 2), Y, ValueError, r"x must be 2-D .*got shape \(20, 2, 2\).*flatten"),
+    ("one-hot for sparse loss", X, np.eye(3)[Y], ValueError, r"y must hold integer class labels of shape \(samples,\)"),
+    ("None", None, Y, TypeError, r"x must be an array, got None"),
+]
+
+
+@pytest.mark.parametrize("what,x,y,error,message", BAD_FIT, ids=[c[0] for c in BAD_FIT])
+def test_fit_rejects_bad_input_and_keeps_the_model(trained, what, x, y, error, message):
+    snapshot = _snapshot(trained)
+    with pytest.raises(error, match=message):
+        trained.fit(x, y, epochs=1, verbose=0)
+    _unchanged(trained, snapshot)
+
+
+@pytest.mark.parametrize("what,x,y,error,message", BAD_FIT[:4], ids=[c[0] for c in BAD_FIT[:4]])
+def test_evaluate_and_train_step_reject_bad_input(trained, what, x, y, error, message):
+    snapshot = _snapshot(trained)
+    with pytest.raises(error, match=message):
+        trained.evaluate(x, y)
+    with pytest.raises(error, match=message):
+        trained.train_step(x, y)
+    _unchanged(trained, snapshot)
+
+
+def test_bad_validation_data_is_rejected_before_training(trained):
+    snapshot = _snapshot(trained)
+    with pytest.raises(ValueError, match="x has 3 features"):
+        trained.fit(X, Y, epochs=1, validation_data=(X[:, :3], Y), verbose=0)
+    with pytest.raises(ValueError, match="validation_data must be a tuple"):
+        trained.fit(X, Y, epochs=1, validation_data=X, verbose=0)
+    _unchanged(trained, snapshot)
+
+
+@pytest.mark.parametrize("arg,value,message", [
+    ("batch_size", 0, "batch_size must be a positive integer, got 0"),
+    ("batch_size", 2.5, "batch_size must be a positive integer"),
+    ("epochs", -1, "epochs must be a non-negative integer, got -1"),
+    ("verbose", 5, "verbose must be 0, 1 or 2, got 5"),
+])
+def test_bad_fit_arguments_are_rejected(trained, arg, value, message):
+    snapshot = _snapshot(trained)
+    with pytest.raises(ValueError, match=message):
+        trained.fit(X, Y, **{"epochs": 1, "verbose": 0, arg: value})
+    _unchanged(trained, snapshot)
+
+
+def test_predict_rejects_the_wrong_width(trained):
+    with pytest.raises(ValueError, match="x has 5 features but the model expects 4"):
+        trained.predict(np.ones((2, 5)))
+
+
+def test_targets_must_match_the_output_width():
+    model = pn.Model([pn.Dense(2)]).compile("mse")
+    with pytest.raises(ValueError, match=r"y must have shape \(samples, 2\).*got \(20, 3\)"):
+        model.fit(X, np.ones((20, 3)), verbose=0)
+    assert not model.built
+
+
+def test_unknown_names_are_rejected_at_construction():
+    with pytest.raises(ValueError, match="unknown activation 'relu6'"):
+        pn.Dense(3, "relu6")
+    with pytest.raises(ValueError, match="unknown loss 'l2'"):
+        pn.Model([pn.Dense(1)]).compile("l2")
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        pn.Model([pn.Dense(1)]).compile("mse", "lbfgs")
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        pn.Model([pn.Dense(1)]).compile("mse", metrics=["f1"])
+    with pytest.raises(ValueError, match="unknown kernel_initializer 'ones'"):
+        pn.Dense(3, kernel_initializer="ones")
+
+
+def test_a_failed_compile_keeps_the_previous_configuration():
+    model = pn.Model([pn.Dense(1)]).compile("mse", pn.SGD(lr=0.1))
+    with pytest.raises(ValueError):
+        model.compile("mse", "sgd", metrics=["f1"])
+    assert model.optimizer.lr == 0.1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"units": 0}, "units must be a positive integer, got 0"),
+    ({"units": 2.0}, "units must be a positive integer"),
+    ({"units": 3, "input_dim": -1}, "input_dim must be a positive integer"),
+])
+def test_dense_arguments_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pn.Dense(**kwargs)
+
+
+def test_dropout_rate_is_validated():
+    with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\), got 1"):
+        pn.Dropout(1)
+
+
+def test_model_arguments_are_validated():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        pn.Model(dtype="int32")
+    with pytest.raises(TypeError, match="layer must be a portanet Layer"):
+        pn.Model(["dense"])
+    with pytest.raises(RuntimeError, match="compile"):
+        pn.Model([pn.Dense(1)]).fit(X, Y)
+    with pytest.raises(RuntimeError, match="no layers"):
+        pn.Model().compile("mse").fit(X, Y)
+
+
+def test_declared_input_dim_must_match_the_data():
+    model = pn.Model([pn.Dense(2, input_dim=5)]).compile("mse")
+    with pytest.raises(ValueError, match="x has 4 features but the first layer was declared with input_dim=5"):
+        model.fit(X, np.ones((20, 2)), verbose=0)
