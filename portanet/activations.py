@@ -6,6 +6,7 @@ Math only, through the namespace ``xp`` passed in; no array library is imported 
 from __future__ import annotations
 
 import math
+from ._registry import resolve
 
 __all__ = [
     "ActivationFunction", "Linear", "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softplus", "Softmax",
@@ -182,23 +183,4 @@ ACTIVATIONS = {cls.name: cls for cls in (Linear, ReLU, LeakyReLU, ELU, GELU, Sig
 
 def get(activation) -> ActivationFunction:
     """An activation from a name, a config dict, an instance, or None (linear)."""
-    if activation is None:
-        return Linear()
-    if isinstance(activation, ActivationFunction):
-        return activation
-    if isinstance(activation, type) and issubclass(activation, ActivationFunction):
-        return activation()
-    if isinstance(activation, dict):
-        config = dict(activation)
-        name = config.pop("name", None)
-        if name not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-        try:
-            return ACTIVATIONS[name](**config)
-        except TypeError as exc:
-            raise ValueError(f"bad arguments for activation {name!r}: {config!r} ({exc})") from exc
-    if isinstance(activation, str):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-        return ACTIVATIONS[activation]()
-    raise TypeError(f"activation must be a name, an ActivationFunction or None, got {type(activation).__name__}")
+    return Linear() if activation is None else resolve("activation", ACTIVATIONS, activation, ActivationFunction)

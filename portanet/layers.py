@@ -9,6 +9,7 @@ import copy
 import math
 
 from . import activations
+from ._registry import resolve
 
 __all__ = ["Layer", "Dense", "Dropout", "Activation", "INITIALIZERS", "get"]
 
@@ -245,11 +246,4 @@ def get(config: dict) -> Layer:
     """Rebuild a layer from its ``get_config()`` dict; unknown kinds or arguments raise ValueError."""
     if not isinstance(config, dict):
         raise ValueError(f"layer config must be a dict, got {type(config).__name__}")
-    config = dict(config)
-    kind = config.pop("kind", None)
-    if kind not in LAYERS:
-        raise ValueError(f"unknown layer kind {kind!r}; expected one of {sorted(LAYERS)}")
-    try:
-        return LAYERS[kind](**config)
-    except TypeError as exc:
-        raise ValueError(f"bad arguments for layer {kind!r}: {config!r} ({exc})") from exc
+    return resolve("layer kind", LAYERS, config, Layer, key="kind")

@@ -6,6 +6,7 @@ Math only, through the namespace ``xp`` passed in. The batch mean (and sample we
 from __future__ import annotations
 
 import array_api_compat
+from ._registry import resolve
 
 __all__ = [
     "Loss", "MeanSquaredError", "MeanAbsoluteError", "Huber", "BinaryCrossentropy",
@@ -204,23 +205,7 @@ _ALIASES = {"mean_squared_error": "mse", "mean_absolute_error": "mae", "bce": "b
 
 def get(loss) -> Loss:
     """A loss from a name, a config dict or an instance."""
-    if isinstance(loss, Loss):
-        return loss
-    if isinstance(loss, dict):
-        config = dict(loss)
-        name = config.pop("name", None)
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
-        try:
-            return LOSSES[name](**config)
-        except TypeError as exc:
-            raise ValueError(f"bad arguments for loss {name!r}: {config!r} ({exc})") from exc
-    if isinstance(loss, str):
-        name = _ALIASES.get(loss, loss)
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
-        return LOSSES[name]()
-    raise TypeError(f"loss must be a name or a Loss, got {type(loss).__name__}")
+    return resolve("loss", LOSSES, loss, Loss, _ALIASES)
 
 
 def reduce(per_sample_loss, per_sample_grad, xp, sample_weight=None):

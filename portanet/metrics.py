@@ -5,6 +5,8 @@ Math only, through ``xp``. ``logits=True`` means ``pred`` is pre-activation (sof
 
 from __future__ import annotations
 
+from ._registry import resolve
+
 __all__ = ["Metric", "Accuracy", "BinaryAccuracy", "TopKAccuracy", "MeanSquaredError", "MeanAbsoluteError", "get",
            "METRICS"]
 
@@ -99,14 +101,4 @@ _ALIASES = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error
 
 def get(metric) -> Metric:
     """A metric from a name, a config dict or an instance."""
-    if isinstance(metric, Metric):
-        return metric
-    if isinstance(metric, dict):
-        config = dict(metric)
-        name = config.pop("name", None)
-        if name not in METRICS:
-            raise ValueError(f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
-        return METRICS[name](**config)
-    if isinstance(metric, str) and _ALIASES.get(metric, metric) in METRICS:
-        return METRICS[_ALIASES.get(metric, metric)]()
-    raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)}")
+    return resolve("metric", METRICS, metric, Metric, _ALIASES)

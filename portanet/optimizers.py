@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import array_api_compat
+from ._registry import resolve
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "get", "OPTIMIZERS"]
 
@@ -208,19 +209,4 @@ OPTIMIZERS = {cls.name: cls for cls in (SGD, Adam, AdamW, RMSprop)}
 
 def get(optimizer) -> Optimizer:
     """An optimizer from a name (defaults), a config dict or an instance."""
-    if isinstance(optimizer, Optimizer):
-        return optimizer
-    if isinstance(optimizer, dict):
-        config = dict(optimizer)
-        name = config.pop("name", None)
-        if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
-        try:
-            return OPTIMIZERS[name](**config)
-        except TypeError as exc:
-            raise ValueError(f"bad arguments for optimizer {name!r}: {config!r} ({exc})") from exc
-    if isinstance(optimizer, str):
-        if optimizer.lower() not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZERS)}")
-        return OPTIMIZERS[optimizer.lower()]()
-    raise TypeError(f"optimizer must be a name or an Optimizer, got {type(optimizer).__name__}")
+    return resolve("optimizer", OPTIMIZERS, optimizer, Optimizer)
