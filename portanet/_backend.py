@@ -106,7 +106,8 @@ class Device:
         return getattr(self.xp, name)
 
     # -- placement --------------------------------------------------------------
-    def _scope(self):
+    def scope(self):
+        """Context manager making this the current device (CuPy allocates on the current device)."""
         if self.backend == "cupy":
             return self.device
         return _NullScope
@@ -129,11 +130,11 @@ class Device:
             return x if dt is None or x.dtype == dt else self.xp.astype(x, dt)
         lib = _library(x)
         if lib == self.backend and lib != "numpy":
-            with self._scope():
+            with self.scope():
                 moved = array_api_compat.to_device(x, self.device) if lib != "cupy" else self.xp.asarray(x)
             return moved if dt is None or moved.dtype == dt else self.xp.astype(moved, dt)
         if lib in ("cupy", "torch") and self.backend in ("cupy", "torch") and _is_cuda(x) and self.name != "cpu":
-            with self._scope():
+            with self.scope():
                 moved = self.asarray(self.xp.from_dlpack(x))
             return moved if dt is None or moved.dtype == dt else self.xp.astype(moved, dt)
         return self.from_host(to_numpy(x), dtype)
@@ -155,7 +156,7 @@ class Device:
         return self.xp.asarray(host, device=self.device)
 
     def zeros(self, shape, dtype):
-        with self._scope():
+        with self.scope():
             return self.xp.zeros(shape, dtype=self.dtype(dtype), device=self.device)
 
     def synchronize(self):

@@ -6,6 +6,7 @@ Math goes through the device's namespace ``xp``; host data is streamed in by :mo
 from __future__ import annotations
 
 import copy
+import functools
 
 from . import layers as _layers
 from . import losses as _losses
@@ -19,6 +20,17 @@ from .data import Batches, check_array, check_lengths, concat_host
 __all__ = ["Model"]
 
 _FLOATS = ("float32", "float64")
+
+
+def _on_device(method):
+    """Run a Model method with the model's device current, so every allocation lands there (CuPy, multi-GPU)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._device.scope():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class Model:
@@ -87,6 +99,7 @@ class Model:
         """Width of the model's output (None until the input width is known)."""
         return None if self.input_dim is None else _output_dim(self.layers, self.input_dim)
 
+    @_on_device
     def build(self, input_dim: int) -> "Model":
         """Allocate and initialize parameters for inputs of width ``input_dim`` (done by ``fit`` when first needed)."""
         if not self.layers:
@@ -108,6 +121,7 @@ class Model:
         self._install(flat)
         return self
 
+    @_on_device
     def _install(self, flat):
         """Make ``flat`` the parameter buffer and bind every layer's parameter and gradient views to it."""
         dev, xp = self._device, self._device.xp
@@ -136,6 +150,7 @@ class Model:
         self._require_built("parameters()")
         return {f"{layer.name}.{k}": v for layer, _ in self._specs for k, v in layer.params.items()}
 
+    @_on_device
     def set_parameters(self, values: dict) -> None:
         """Overwrite parameters from ``{name: array}`` (any library/device); names and shapes are checked first."""
         current = self.parameters()
@@ -244,12 +259,14 @@ class Model:
             f"(portanet.to_numpy({name}) or model.device.asarray({name})) or use fit/evaluate/predict, which stream it"
         )
 
+    @_on_device
     def train_step(self, x, y, sample_weight=None):
         """One optimizer step on one batch; returns the batch loss as a 0-d array on the device (no host sync)."""
         self._require_compiled("train_step()")
         xb, yb, wb = self._device_batch(x, y, sample_weight)
         return self._train_batch(xb, yb, wb)[0]
 
+    @_on_device
     def loss_and_grads(self, x, y, sample_weight=None, training=False):
         """``(loss: float, {name: gradient})`` for one batch, without updating anything.
 
@@ -286,6 +303,7 @@ class Model:
         return Batches(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, rng=self._rng,
                        device=self._device, dtype=self.dtype, y_dtype=self.loss.target_kind())
 
+    @_on_device
     def fit(self, x, y, *, epochs=1, batch_size=32, shuffle=True, validation_data=None, sample_weight=None,
             callbacks=None, verbose=1) -> History:
         """Train for ``epochs`` passes over (x, y); returns a :class:`History` of per-epoch loss and metrics.
@@ -328,6 +346,7 @@ class Model:
             cbs.on_batch_end(step, loss)
         return totals.logs()
 
+    @_on_device
     def evaluate(self, x, y, *, batch_size=1024, sample_weight=None) -> dict:
         """Mean loss and metrics over (x, y) as ``{"loss": float, "accuracy": float, ...}``."""
         x, y, sample_weight = self._prepare(x, y, sample_weight, "evaluate()")
@@ -342,6 +361,7 @@ class Model:
             layer.clear_cache()
         return totals.logs()
 
+    @_on_device
     def predict(self, x, *, batch_size=1024, to_numpy=False):
         """Outputs for x, batch by batch: an array of the model's namespace on its device, or NumPy with ``to_numpy``."""
         self._require_built("predict()")
