@@ -47,11 +47,14 @@ class Loss:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
         return f"{type(self).__name__}({args})"
 
-    def check_targets(self, y, n_outputs: int, name: str = "y"):
-        """Validate targets ``y`` (any namespace) against a model with ``n_outputs`` outputs; raise ValueError."""
+    def check_targets(self, y, n_outputs: int, name: str = "y", values: bool = True):
+        """Validate targets ``y`` (any namespace) against a model with ``n_outputs`` outputs; raise ValueError.
+
+        ``values=False`` checks shapes and dtypes only (no device-to-host read of label ranges).
+        """
         xp = array_api_compat.array_namespace(y)
         if self.sparse:
-            _check_labels(y, n_outputs, xp, name)
+            _check_labels(y, n_outputs, xp, name, values)
             return
         if y.ndim == 1 and n_outputs == 1:
             return
@@ -62,7 +65,7 @@ class Loss:
         return "int" if self.sparse else "float"
 
 
-def _check_labels(y, n_classes, xp, name):
+def _check_labels(y, n_classes, xp, name, values=True):
     if y.ndim == 2 and y.shape[1] == 1:
         y = xp.reshape(y, (-1,))
     if y.ndim != 1:
@@ -70,6 +73,10 @@ def _check_labels(y, n_classes, xp, name):
                          "use categorical_crossentropy for one-hot targets")
     if n_classes < 2:
         raise ValueError(f"sparse_categorical_crossentropy needs an output of at least 2 units, got {n_classes}")
+    if not values:
+        if not xp.isdtype(y.dtype, ("integral", "real floating")):
+            raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+        return
     if xp.isdtype(y.dtype, "real floating"):
         if not bool(xp.all(y == xp.round(y))):
             raise ValueError(f"{name} must hold integer class labels, got non-integer values")

@@ -241,12 +241,12 @@ class Model:
         if y is not None:
             y = check_array(y, "y", ndim=(1, 2))
         check_lengths(x=x, y=y, sample_weight=sample_weight)
+        if self.built and x.shape[1] != self.input_dim:
+            raise ValueError(f"x has {x.shape[1]} features but the model expects {self.input_dim}")
+        if y is not None:  # label ranges are read back only for host data: no device sync per custom-loop step
+            self.loss.check_targets(y, _output_dim(self.layers, x.shape[1]), values=_library(y) == "numpy")
         if not self.built:
             self.build(x.shape[1])
-        if x.shape[1] != self.input_dim:
-            raise ValueError(f"x has {x.shape[1]} features but the model expects {self.input_dim}")
-        if y is not None:
-            self.loss.check_targets(y, self.output_dim)
         return (self._to_here(x, "x", self.dtype),
                 None if y is None else self._to_here(y, "y", "int64" if self.loss.sparse else self.dtype),
                 None if sample_weight is None else self._to_here(sample_weight, "sample_weight", self.dtype))
