@@ -1,9 +1,11 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
-from . import activations, callbacks, data, datasets, layers, losses, metrics, optimizers
+from . import activations, callbacks, data, datasets, io, layers, losses, metrics, optimizers
 from ._backend import Device, resolve_device, to_numpy
-from .callbacks import Callback, History
+from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
+                        TerminateOnNaN)
 from .gradcheck import check_gradients
+from .io import ModelFileError, load
 from .layers import Activation, Dense, Dropout
 from .losses import (BinaryCrossentropy, CategoricalCrossentropy, Huber, MeanAbsoluteError, MeanSquaredError,
                      SparseCategoricalCrossentropy)
@@ -17,7 +19,8 @@ __all__ = [
     "SGD", "Adam", "AdamW", "RMSprop",
     "MeanSquaredError", "MeanAbsoluteError", "Huber", "BinaryCrossentropy", "CategoricalCrossentropy",
     "SparseCategoricalCrossentropy",
-    "Callback", "History",
+    "Callback", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler", "ReduceLROnPlateau",
+    "TerminateOnNaN", "load", "ModelFileError",
     "Device", "resolve_device", "to_numpy", "check_gradients",
-    "activations", "callbacks", "data", "datasets", "layers", "losses", "metrics", "optimizers",
+    "activations", "callbacks", "data", "datasets", "io", "layers", "losses", "metrics", "optimizers",
 ]

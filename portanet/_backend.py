@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib
 import re
+import types
 
 import numpy as np
 import array_api_compat
 
-__all__ = ["Device", "resolve_device", "to_numpy", "host_rng", "BACKENDS"]
+__all__ = ["Device", "resolve_device", "move_target", "take_rows", "to_numpy", "host_rng", "BACKENDS"]
 
 BACKENDS = ("numpy", "array_api_strict", "torch", "cupy")
 _DEVICE_FORMS = (
@@ -53,6 +54,17 @@ def to_numpy(x) -> np.ndarray:
         return np.asarray(x)
 
 
+def take_rows(a, rows: np.ndarray):
+    """Rows ``rows`` (host int array) of ``a``, gathered where ``a`` lives: NumPy fancy indexing or ``xp.take``."""
+    if isinstance(a, np.ndarray):
+        return a[rows]
+    xp = array_api_compat.array_namespace(a)
+    if _library(a) == "cupy":
+        with a.device:
+            return xp.take(a, xp.asarray(rows), axis=0)
+    return xp.take(a, xp.asarray(rows.astype(np.int64), device=array_api_compat.device(a)), axis=0)
+
+
 def _import(name, hint=None):
     try:
         return importlib.import_module(name)
@@ -88,6 +100,21 @@ class Device:
         self.device = device
         self.name = name
 
+    @property
+    def fast(self):
+        """In-place kernels for this backend (:class:`portanet._backend_fast.Fast`), or None: portable math only."""
+        if not hasattr(self, "_fast"):
+            from ._backend_fast import fast_ops
+
+            self._fast = fast_ops(self)
+        return self._fast
+
+    @property
+    def host_memory(self) -> bool:
+        """True when arrays live in host memory (NumPy, torch "cpu", array-api-strict's CPU device), so reading a
+        value back costs no device synchronisation."""
+        return self.name in ("cpu", "array_api_strict:CPU_DEVICE")
+
     def __repr__(self):
         return f"Device({self.name!r})"
 
@@ -116,8 +143,8 @@ class Device:
         """True when ``x`` is an array of this namespace on this device."""
         if _library(x) != self.backend or not hasattr(x, "shape"):
             return False
-        if self.backend == "numpy":
-            return isinstance(x, (np.ndarray, np.generic))
+        if self.backend == "numpy":  # a memmap or other subclass is not owned: asarray gives a plain view of it
+            return type(x) is np.ndarray or isinstance(x, np.generic)
         return _same_device(self.backend, array_api_compat.device(x), self.device)
 
     def asarray(self, x, dtype=None):
@@ -152,8 +179,25 @@ class Device:
         if self.backend == "torch":
             import torch
 
+            if not host.flags.writeable:  # a read-only memmap: torch cannot share it
+                host = host.copy()
             return torch.asarray(np.ascontiguousarray(host), device=self.device)
         return self.xp.asarray(host, device=self.device)
+
+    def upload_batches(self, parts, dtypes, prefetch=None):
+        """Yield each tuple of arrays in ``parts`` (host, any library, or None) on this device, cast to ``dtypes``.
+
+        On CuPy, unless ``prefetch`` is False, host batch i+1 is copied into pinned buffers and uploaded on a side
+        stream while batch i computes (:mod:`portanet._backend_cuda`); elsewhere each array is moved as it comes
+        (a zero-copy view on the host where the source allows).
+        """
+        if self.backend == "cupy" and prefetch is not False:
+            from ._backend_cuda import prefetch_uploads
+
+            yield from prefetch_uploads(self, parts, dtypes)
+            return
+        for part in parts:
+            yield tuple(None if a is None else self.asarray(a, dt) for a, dt in zip(part, dtypes))
 
     def zeros(self, shape, dtype):
         with self.scope():
@@ -322,6 +366,35 @@ def resolve_device(device="cpu", backend=None) -> Device:
         return Device("array_api_strict", aas, device, label)
     xp = backend if not isinstance(backend, str) else _import(name)
     return Device(name, xp, None if device == "cpu" else device, f"{name}:{device}")
+
+
+def move_target(current: Device, device=None, backend=None) -> Device:
+    """Where ``model.to(device, backend)`` goes from ``current``.
+
+    A backend (name or namespace) given as ``device`` switches library, to that library's default device. A device
+    string is read in the current library when it has that device (torch "cpu" / "cuda:1", array_api_strict
+    "device2"), so a torch model stays a torch model; otherwise it resolves as in :func:`resolve_device`.
+    """
+    if backend is None and _names_backend(device):
+        device, backend = None, device
+    if device is None and backend is None:
+        raise ValueError("to() needs a device or a backend, got neither")
+    if backend is None and isinstance(device, str) and current.backend in ("torch", "array_api_strict"):
+        try:
+            return resolve_device(device, current.backend)
+        except ValueError:
+            pass
+    return resolve_device(device, backend)
+
+
+def _names_backend(x) -> bool:
+    if isinstance(x, str):
+        try:
+            _namespace_name(x)
+        except ValueError:
+            return False
+        return True
+    return isinstance(x, types.ModuleType) or hasattr(x, "__array_api_version__")
 
 
 def _backend_for(device) -> str:

@@ -66,7 +66,8 @@ class ReLU(ActivationFunction):
         return xp.maximum(z, 0.0)
 
     def backward(self, grad, z, a, xp):
-        return xp.where(a > 0, grad, 0.0)
+        # A multiply by the 0/1 mask, not where(): NumPy's where() is ~15x slower on a random mask.
+        return grad * xp.astype(a > 0, grad.dtype)
 
 
 class LeakyReLU(ActivationFunction):

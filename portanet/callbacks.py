@@ -1,23 +1,36 @@
-"""Training callbacks: the hook interface, History, and progress reporting.
+"""Training callbacks: the hook interface, History (and its plot), progress display, early stopping, checkpoints,
+learning-rate schedules and stopping on NaN.
 
 Callbacks see the model and per-epoch logs (plain floats); they never touch layer math.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 import sys
 
-__all__ = ["Callback", "CallbackList", "History"]
+from . import io as _io
+
+__all__ = ["Callback", "CallbackList", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler",
+           "ReduceLROnPlateau", "TerminateOnNaN"]
 
 
 class Callback:
-    """Base class: override any of ``on_train_begin/end``, ``on_epoch_begin/end``, ``on_batch_end``.
+    """Base class: override any of ``on_train_begin/end``, ``on_epoch_begin/end``, ``on_batch_end``, ``on_log``,
+    ``on_nonfinite_loss``.
 
     ``self.model`` is set before ``on_train_begin``. ``logs`` are dicts of floats; ``on_batch_end`` receives the
-    batch loss as a 0-d device array (reading it with ``float()`` syncs the device).
+    batch loss as a 0-d device array (reading it with ``float()`` syncs the device). Setting
+    ``self.model.stop_training = True`` ends training after the current epoch. A callback with state that should
+    survive ``fit(resume_from=...)`` returns it from ``state_dict()`` (JSON-able values, or arrays: saved in the
+    model's dtype, given back as NumPy arrays) and takes it back in ``load_state_dict()``, called after
+    ``on_train_begin``.
     """
 
     model = None
+    _order = 0  # run after callbacks of lower order: user callbacks, then History, ModelCheckpoint, the display
 
     def set_model(self, model):
         self.model = model
@@ -37,9 +50,24 @@ class Callback:
     def on_batch_end(self, step, loss=None):
         pass
 
+    def on_log(self, step, logs=None):
+        """Every ``fit(log_every=N)`` steps: running means of loss and metrics this epoch (one device read)."""
+
+    def on_nonfinite_loss(self, epoch, step):
+        """The loss became NaN or inf at ``step`` of ``epoch`` (0-based); the model already holds its last finite
+        weights. ``fit`` raises FloatingPointError unless a callback sets ``model.stop_training``."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class History(Callback):
     """Per-epoch logs: ``history.history["loss"]``, ``["val_loss"]``, ``["accuracy"]``... and ``history.epoch``."""
+
+    _order = 1
 
     def __init__(self):
         self.history: dict = {}
@@ -56,9 +84,253 @@ class History(Callback):
     def __repr__(self):
         return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
 
+    def plot(self, path=None):
+        """Loss and each metric per epoch, training and validation curves side by side; returns the matplotlib
+        ``Figure`` (shown inline in notebooks) and also writes it to ``path`` (png, pdf, svg...) when given.
+
+        Needs matplotlib: ``pip install "portanet[plot]"``.
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as exc:
+            raise ImportError('History.plot() needs matplotlib, which is not installed: pip install "portanet[plot]" '
+                              "(or pip install matplotlib)") from exc
+        if not self.epoch:
+            raise ValueError("History.plot(): the history is empty; train at least one epoch first")
+        names = [k for k in self.history if not (k.startswith("val_") and k[4:] in self.history)]
+        fig = Figure(figsize=(4.2 * len(names), 3.2), layout="constrained")
+        epochs = [e + 1 for e in self.epoch]
+        for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+            ax.plot(epochs, self.history[name], marker=".", label="training" if name != "lr" else name)
+            if f"val_{name}" in self.history:
+                ax.plot(epochs, self.history[f"val_{name}"], marker=".", label="validation")
+            ax.set_title(name)
+            ax.set_xlabel("epoch")
+            ax.legend()
+        if path is not None:
+            fig.savefig(path)
+        return fig
+
+
+class _Monitor:
+    """The best value so far of one log key: ``mode`` "min", "max" or "auto" (max for accuracies), ``min_delta``."""
+
+    def __init__(self, owner: str, monitor: str, mode: str, min_delta: float):
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"{owner} mode must be 'auto', 'min' or 'max', got {mode!r}")
+        if not (isinstance(min_delta, numbers.Real) and min_delta >= 0):
+            raise ValueError(f"{owner} min_delta must be a number >= 0, got {min_delta!r}")
+        self.owner, self.monitor, self.min_delta = owner, monitor, float(min_delta)
+        self.mode = mode if mode != "auto" else ("max" if monitor.endswith(("accuracy", "acc")) else "min")
+        self.reset()
+
+    def reset(self):
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def value(self, logs) -> float:
+        if self.monitor not in (logs or {}):
+            hint = "; pass validation_data or validation_split to fit()" if self.monitor.startswith("val_") else ""
+            raise ValueError(f"{self.owner} monitors {self.monitor!r} but the epoch logs hold {sorted(logs or {})}{hint}")
+        return logs[self.monitor]
+
+    def improved(self, value) -> bool:
+        """True (and ``value`` becomes the best) when ``value`` beats the best by more than ``min_delta``."""
+        better = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if better:
+            self.best = value
+        return better
+
+    def state(self) -> dict:
+        return {"best": self.best}
+
+    def load(self, state):
+        self.best = float(state["best"])
+
+
+def _non_negative_int(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{owner} {name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+class EarlyStopping(Callback):
+    """Stop training when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    ``mode``: "min", "max" or "auto" (max for accuracies, min otherwise). ``restore_best_weights``: when training
+    ends, stopped early or not, put back the weights of the best epoch (a copy of them is kept on the device).
+    ``stopped_epoch`` and ``best_epoch`` (0-based) say what happened.
+    """
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
+                 restore_best_weights: bool = False):
+        self._monitor = _Monitor("EarlyStopping", monitor, mode, min_delta)
+        self.patience = _non_negative_int("EarlyStopping", "patience", patience)
+        self.restore_best_weights = bool(restore_best_weights)
+        self.on_train_begin()
+
+    def on_train_begin(self, logs=None):
+        self._monitor.reset()
+        self.wait, self.best_epoch, self.stopped_epoch, self.best_weights = 0, None, None, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._monitor.improved(self._monitor.value(logs)):
+            self.wait, self.best_epoch = 0, epoch
+            if self.restore_best_weights:
+                self.best_weights = self.model.xp.asarray(self.model._flat, copy=True)
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.model._flat[...] = self.best_weights
+
+    def state_dict(self):
+        state = {**self._monitor.state(), "wait": self.wait, "best_epoch": self.best_epoch}
+        if self.best_weights is not None:
+            state["best_weights"] = self.best_weights
+        return state
+
+    def load_state_dict(self, state):
+        self._monitor.load(state)
+        self.wait, self.best_epoch = int(state["wait"]), state["best_epoch"]
+        if "best_weights" in state:
+            self.best_weights = self.model.device.from_host(state["best_weights"], self.model.dtype)
+
+
+class ModelCheckpoint(Callback):
+    """Write a checkpoint at the end of each epoch: weights, optimizer state, epoch and step counters, the host RNG
+    state, the history, the training configuration and other callbacks' state. ``fit(..., resume_from=path)``
+    continues from it; ``portanet.load(path)`` reads it as a model.
+
+    ``path`` may hold fields filled from the 1-based epoch and the logs: ``"ckpt-{epoch:03d}-{val_loss:.3f}.safetensors"``;
+    without fields the same file is replaced each time (atomically: a crash mid-write leaves the previous one).
+    ``save_best_only``: write only when ``monitor`` improved (``mode`` and ``min_delta`` as in EarlyStopping).
+    It runs after the other callbacks, so the state it saves includes their updates for the epoch.
+    """
+
+    _order = 2
+
+    def __init__(self, path, monitor: str = "val_loss", save_best_only: bool = False, mode: str = "auto",
+                 min_delta: float = 0.0):
+        self.path = os.fspath(path)
+        self.save_best_only = bool(save_best_only)
+        self._monitor = _Monitor("ModelCheckpoint", monitor, mode, min_delta)
+        self.last_path = None
+
+    def on_train_begin(self, logs=None):
+        self._monitor.reset()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.save_best_only and not self._monitor.improved(self._monitor.value(logs)):
+            return
+        try:
+            path = self.path.format(epoch=epoch + 1, **(logs or {}))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"ModelCheckpoint path {self.path!r} has a field that is not 'epoch' or a log key "
+                             f"({sorted(logs or {})}): {exc}") from exc
+        _io.save_checkpoint(self.model, path, epoch + 1, self.model._training)
+        self.last_path = path
+
+    def state_dict(self):
+        return self._monitor.state()
+
+    def load_state_dict(self, state):
+        self._monitor.load(state)
+
+
+def _learning_rate(owner, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{owner} must give a positive finite learning rate, got {value!r}")
+    return float(value)
+
+
+class LearningRateScheduler(Callback):
+    """Set the optimizer's learning rate at the start of each epoch to ``schedule(epoch, lr)`` (0-based epoch, the
+    current rate); the rate used is logged as ``"lr"``. Example: ``LearningRateScheduler(lambda e, lr: lr * 0.9)``.
+    """
+
+    def __init__(self, schedule, verbose: int = 0):
+        if not callable(schedule):
+            raise TypeError(f"LearningRateScheduler schedule must be callable as schedule(epoch, lr), got {schedule!r}")
+        self.schedule, self.verbose = schedule, verbose
+
+    def on_epoch_begin(self, epoch, logs=None):
+        optimizer = self.model.optimizer
+        lr = _learning_rate(f"LearningRateScheduler schedule({epoch}, {optimizer.lr})",
+                            self.schedule(epoch, optimizer.lr))
+        if self.verbose and lr != optimizer.lr:
+            print(f"epoch {epoch + 1}: LearningRateScheduler sets the learning rate to {lr:.4g}", flush=True)
+        optimizer.lr = lr
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["lr"] = self.model.optimizer.lr
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` when ``monitor`` has not improved by more than ``min_delta`` for
+    ``patience`` epochs, then wait ``cooldown`` epochs before counting again; never below ``min_lr``. The rate used
+    in each epoch is logged as ``"lr"``.
+    """
+
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, min_delta: float = 1e-4,
+                 cooldown: int = 0, min_lr: float = 0.0, mode: str = "auto", verbose: int = 0):
+        if not (isinstance(factor, numbers.Real) and 0 < factor < 1):
+            raise ValueError(f"ReduceLROnPlateau factor must be in (0, 1), got {factor!r}")
+        if not (isinstance(min_lr, numbers.Real) and min_lr >= 0):
+            raise ValueError(f"ReduceLROnPlateau min_lr must be >= 0, got {min_lr!r}")
+        self._monitor = _Monitor("ReduceLROnPlateau", monitor, mode, min_delta)
+        self.factor, self.min_lr, self.verbose = float(factor), float(min_lr), verbose
+        self.patience = _non_negative_int("ReduceLROnPlateau", "patience", patience)
+        self.cooldown = _non_negative_int("ReduceLROnPlateau", "cooldown", cooldown)
+        self.on_train_begin()
+
+    def on_train_begin(self, logs=None):
+        self._monitor.reset()
+        self.wait, self.cooldown_left = 0, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = self.model.optimizer
+        logs["lr"] = optimizer.lr
+        improved = self._monitor.improved(self._monitor.value(logs))
+        if self.cooldown_left > 0:  # a cooldown epoch never counts towards patience
+            self.cooldown_left -= 1
+            self.wait = 0
+        elif improved:
+            self.wait = 0
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.cooldown_left, self.wait = self.cooldown, 0
+                if optimizer.lr > self.min_lr:
+                    optimizer.lr = max(optimizer.lr * self.factor, self.min_lr)
+                    if self.verbose:
+                        print(f"epoch {epoch + 1}: ReduceLROnPlateau lowers the learning rate to {optimizer.lr:.4g}",
+                              flush=True)
+
+    def state_dict(self):
+        return {**self._monitor.state(), "wait": self.wait, "cooldown_left": self.cooldown_left}
+
+    def load_state_dict(self, state):
+        self._monitor.load(state)
+        self.wait, self.cooldown_left = int(state["wait"]), int(state["cooldown_left"])
+
+
+class TerminateOnNaN(Callback):
+    """When the loss becomes NaN or inf, stop training quietly (a RuntimeWarning says where) instead of raising
+    FloatingPointError; either way the model keeps its last finite weights."""
+
+    def on_nonfinite_loss(self, epoch, step):
+        self.model.stop_training = True
+
 
 class _Progress(Callback):
-    """verbose=1: a tqdm bar per epoch; verbose=2: one line per epoch."""
+    """verbose=1: a tqdm bar per epoch (terminal or notebook) with running loss and metrics; verbose=2: one line
+    per epoch."""
+
+    _order = 3
 
     def __init__(self, verbose, epochs, steps):
         self.verbose, self.epochs, self.steps = verbose, epochs, steps
@@ -75,28 +347,43 @@ class _Progress(Callback):
         if self._bar is not None:
             self._bar.update(1)
 
-    def on_epoch_end(self, epoch, logs=None):
-        text = " - ".join(f"{k}: {v:.4f}" for k, v in (logs or {}).items())
+    def on_log(self, step, logs=None):
         if self._bar is not None:
-            self._bar.set_postfix_str(text)
+            self._bar.set_postfix_str(_format(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._bar is not None:
+            self._bar.set_postfix_str(_format(logs))
             self._bar.close()
             self._bar = None
         elif self.verbose == 2:
-            print(f"epoch {epoch + 1}/{self.epochs} - {text}", flush=True)
+            print(f"epoch {epoch + 1}/{self.epochs} - {_format(logs)}", flush=True)
+
+    def on_train_end(self, logs=None):
+        if self._bar is not None:  # training stopped mid-epoch (TerminateOnNaN)
+            self._bar.close()
+            self._bar = None
+
+
+def _format(logs) -> str:
+    return " - ".join(f"{k}: {v:.4g}" if k == "lr" else f"{k}: {v:.4f}" for k, v in (logs or {}).items())
 
 
 class CallbackList:
-    """Dispatches each hook to every callback in order."""
+    """Dispatches each hook to every callback: user callbacks in the order given, then History, ModelCheckpoint
+    (so checkpoints see every other callback's update for the epoch) and the progress display."""
 
     def __init__(self, callbacks, model, verbose=0, epochs=1, steps=None):
         if verbose not in (0, 1, 2):
             raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
-        self.callbacks = list(callbacks)
-        if verbose:
-            self.callbacks.append(_Progress(verbose, epochs, steps))
-        for cb in self.callbacks:
+        callbacks = list(callbacks)
+        for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be portanet Callback objects, got {type(cb).__name__}")
+        if verbose:
+            callbacks.append(_Progress(verbose, epochs, steps))
+        self.callbacks = sorted(callbacks, key=lambda cb: cb._order)
+        for cb in self.callbacks:
             cb.set_model(model)
 
     def __getattr__(self, hook):

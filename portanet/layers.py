@@ -61,6 +61,7 @@ class Layer:
         self.grads: dict = {}
         self.input_dim: int | None = None
         self._xp = None
+        self._fast = None
 
     def output_dim(self, in_dim: int) -> int:
         return in_dim
@@ -72,8 +73,9 @@ class Layer:
         """Initial values as host arrays drawn from the host generator ``rng``."""
         return {}
 
-    def bind(self, xp, params: dict, grads: dict, random_source=None) -> None:
-        self._xp, self.params, self.grads = xp, params, grads
+    def bind(self, xp, params: dict, grads: dict, random_source=None, fast=None) -> None:
+        """Attach parameter and gradient views; ``fast`` is the device's in-place kernels (``Device.fast``) or None."""
+        self._xp, self.params, self.grads, self._fast = xp, params, grads, fast
 
     def forward(self, x, training: bool = False):
         raise NotImplementedError
@@ -87,7 +89,7 @@ class Layer:
     def unbound_copy(self) -> "Layer":
         """The same layer (custom activations included) without parameters, ready to bind to another model."""
         twin = copy.copy(self)
-        twin.params, twin.grads, twin._xp = {}, {}, None
+        twin.params, twin.grads, twin._xp, twin._fast = {}, {}, None, None
         twin.clear_cache()
         return twin
 
@@ -141,20 +143,23 @@ class Dense(Layer):
 
     def forward(self, x, training=False):
         """x: (batch, in) -> (batch, units)."""
-        xp = self._xp
-        z = x @ self.params["kernel"]
-        if self.use_bias:
-            z += self.params["bias"]
-        a = self.activation.forward(z, xp)
+        z = self._affine(x)
+        a = None if self._fast is None else self._fast.activate_(self.activation, z)  # over z, which is ours
+        if a is None:
+            a = self.activation.forward(z, self._xp)
         self._cache = (x, z if self.activation.needs_input else None, a)
         return a
 
     def forward_logits(self, x):
         """x: (batch, in) -> pre-activation (batch, units), cached for a fused backward."""
+        z = self._affine(x)
+        self._cache = (x, z, None)
+        return z
+
+    def _affine(self, x):
         z = x @ self.params["kernel"]
         if self.use_bias:
             z += self.params["bias"]
-        self._cache = (x, z, None)
         return z
 
     def backward(self, grad_out, need_input_grad=True, fused=False):
@@ -162,12 +167,20 @@ class Dense(Layer):
 
         Writes dL/dkernel and dL/dbias into the bound gradient views.
         """
-        xp = self._xp
+        xp, fast = self._xp, self._fast
         x, z, a = self._cache
-        gz = grad_out if fused else self.activation.backward(grad_out, z, a, xp)
-        self.grads["kernel"][...] = x.T @ gz
-        if self.use_bias:
-            self.grads["bias"][...] = xp.sum(gz, axis=0)
+        if fused:
+            gz = grad_out
+        else:
+            gz = None if fast is None else fast.activation_grad(self.activation, grad_out, a)
+            if gz is None:
+                gz = self.activation.backward(grad_out, z, a, xp)
+        if fast is not None:
+            fast.dense_grads(x, gz, self.grads["kernel"], self.grads.get("bias"))
+        else:
+            self.grads["kernel"][...] = x.T @ gz
+            if self.use_bias:
+                self.grads["bias"][...] = xp.sum(gz, axis=0)
         return gz @ self.params["kernel"].T if need_input_grad else None
 
     def clear_cache(self):
@@ -191,8 +204,8 @@ class Dropout(Layer):
         self._random = None
         self._mask = None
 
-    def bind(self, xp, params, grads, random_source=None):
-        super().bind(xp, params, grads)
+    def bind(self, xp, params, grads, random_source=None, fast=None):
+        super().bind(xp, params, grads, fast=fast)
         self._random = random_source
 
     def forward(self, x, training=False):

@@ -5,17 +5,26 @@ Math goes through the device's namespace ``xp``; host data is streamed in by :mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import html
+import math
+import numbers
+import warnings
+
+import array_api_compat
 
 from . import layers as _layers
 from . import losses as _losses
 from . import metrics as _metrics
 from . import optimizers as _optimizers
-from . import _backend
+from . import _backend, _split
+from . import io as _io
 from ._backend import Device, _library, dtype_name, host_rng, resolve_device
 from .callbacks import CallbackList, History
-from .data import Batches, check_array, check_lengths, concat_host
+from . import data as _data
+from .data import Batches, check_array, check_lengths
 
 __all__ = ["Model"]
 
@@ -55,6 +64,7 @@ class Model:
         self.metrics: list = []
         self.stop_training = False
         self.history = None
+        self._training = None  # while fit() runs: what ModelCheckpoint saves besides weights and optimizer
         self._flat = None
         self._grads = None
         self._random = None
@@ -138,7 +148,7 @@ class Model:
                 params[key] = xp.reshape(flat[offset:offset + size], shape)
                 grads[key] = xp.reshape(self._grads[offset:offset + size], shape)
                 offset += size
-            layer.bind(xp, params, grads, self._random)
+            layer.bind(xp, params, grads, self._random, fast=dev.fast)
         self._need_input_grad = [any(l.param_shapes(1) for l in self.layers[:i]) for i in range(len(self.layers))]
 
     def _require_built(self, what):
@@ -212,7 +222,13 @@ class Model:
             out = self.layers[-1].forward_logits(h)
         else:
             out = self._forward(x, training)
-        per, grad = (self.loss.per_sample if fusion == "plain" else self.loss.per_sample_logits)(out, y, xp)
+        fast = self._device.fast
+        if fusion == "plain":
+            per, grad = self.loss.per_sample(out, y, xp)
+        elif fast is not None and type(self.loss) is _losses.SparseCategoricalCrossentropy:
+            per, grad = fast.sparse_softmax_crossentropy(out, y)
+        else:
+            per, grad = self.loss.per_sample_logits(out, y, xp)
         loss, grad = _losses.reduce(per, grad, xp, sample_weight)
         return loss, grad, out, fusion != "plain"
 
@@ -230,9 +246,11 @@ class Model:
             layer.clear_cache()
         return loss, out, logits
 
-    def _train_batch(self, x, y, sample_weight=None):
+    def _train_batch(self, x, y, sample_weight=None, before_step=None):
         loss, out, logits = self._loss_and_backward(x, y, sample_weight, training=True)
-        self.optimizer.step(self._flat, self._grads)
+        if before_step is not None:  # fit's NaN guard: may raise before a bad update reaches the weights
+            before_step(loss)
+        self.optimizer.step(self._flat, self._grads, fast=self._device.fast)
         return loss, out, logits
 
     def _device_batch(self, x, y=None, sample_weight=None):
@@ -280,76 +298,225 @@ class Model:
         return float(loss), grads
 
     # -- fit / evaluate / predict ----------------------------------------------------------
-    def _prepare(self, x, y, sample_weight, what):
-        """Validate in-memory data before anything changes; build the model if needed."""
+    def _prepare(self, x, y, sample_weight, what, steps=None):
+        """Validate data before anything changes; build the model if needed. Returns ``(x, y, sample_weight)``.
+
+        Arrays (any library/device), memory maps and sliceables are checked without being read (all of an
+        in-memory ``y``, the first batch of others); an iterable of batches comes back as a stream whose first
+        batch was read and checked. ``steps``: batches per epoch of such an iterable.
+        """
         self._require_compiled(what)
-        x = check_array(x, "x")
-        y = check_array(y, "y", ndim=(1, 2))
-        if sample_weight is not None:
-            sample_weight = check_array(sample_weight, "sample_weight", ndim=(1,))
-        check_lengths(x=x, y=y, sample_weight=sample_weight)
-        width = x.shape[1]
+        x, y, sample_weight = _data.check_inputs(x, y, sample_weight, steps_per_epoch=steps)
+        width = _data.input_width(x)
         if self.built and width != self.input_dim:
             raise ValueError(f"x has {width} features but the model expects {self.input_dim}")
         if not self.layers:
             raise RuntimeError("the model has no layers: add at least one Dense layer")
         out_dim = self.output_dim if self.built else _output_dim(self.layers, width)
-        self.loss.check_targets(y, out_dim)
+        targets = _data.first_targets(x, y)
+        self.loss.check_targets(targets, out_dim, values=_library(targets) == "numpy" or _data.in_memory(y))
         if not self.built:
             self.build(width)
         return x, y, sample_weight
 
     def _batches(self, x, y, sample_weight, batch_size, shuffle):
         return Batches(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, rng=self._rng,
-                       device=self._device, dtype=self.dtype, y_dtype=self.loss.target_kind())
+                       device=self._device, dtype=self.dtype, y_dtype=self.loss.target_kind(),
+                       check_targets=self._check_targets)
+
+    def _check_targets(self, y, name="y", values=True):
+        self.loss.check_targets(y, self.output_dim, name, values=values)
+
+    @contextlib.contextmanager
+    def _restored_on_stream_error(self, batches):
+        """Put weights, optimizer state and RNG back as they were if a batch read mid-training is unusable."""
+        if not batches.reads_lazily:
+            yield
+            return
+        xp, opt = self.xp, self.optimizer
+        saved = (xp.asarray(self._flat, copy=True), {k: xp.asarray(v, copy=True) for k, v in opt.state.items()},
+                 opt.iterations, self._rng.bit_generator.state, self._random.get_state())
+        try:
+            yield
+        except _data.StreamError:
+            flat, opt.state, opt.iterations, self._rng.bit_generator.state, random_state = saved
+            self._flat[...] = flat
+            self._random.set_state(random_state)
+            for layer in self.layers:
+                layer.clear_cache()
+            raise
 
     @_on_device
-    def fit(self, x, y, *, epochs=1, batch_size=32, shuffle=True, validation_data=None, sample_weight=None,
-            callbacks=None, verbose=1) -> History:
+    def fit(self, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_data=None, validation_split=0.0,
+            sample_weight=None, class_weight=None, callbacks=None, verbose=1, steps_per_epoch=None, log_every=None,
+            resume_from=None) -> History:
         """Train for ``epochs`` passes over (x, y); returns a :class:`History` of per-epoch loss and metrics.
 
-        x: (samples, features); y: (samples, outputs), or (samples,) labels/targets. Data is streamed to the
-        device one batch at a time. ``verbose``: 0 silent, 1 progress bar, 2 one line per epoch.
+        x: (samples, features); y: (samples, outputs), or (samples,) labels/targets; arrays of any library and
+        device, memory maps, sliceables (h5py, zarr), or x alone as an iterable of (x, y[, sample_weight])
+        batches with ``steps_per_epoch`` batches per epoch (required when it has no length). Data is streamed to
+        the device one batch at a time. ``verbose``: 0 silent, 1 a progress bar per epoch with the running loss and
+        metrics (read about 20 times per epoch), 2 one line per epoch.
+        ``log_every``: also read the running loss and metrics back every that many steps (callbacks'
+        ``on_log``); by default they are read once per epoch (about 20 times with ``verbose=1``).
+        ``validation_split``: fraction of the rows of in-memory (x, y) held out for validation, drawn at random and
+        stratified by class for classification losses. ``validation_data``: (x_val, y_val[, sample_weight]).
+        ``sample_weight``: (samples,) weight of each row's loss. ``class_weight``: ``{class: weight}`` multiplying
+        the loss of each sample of that class (classification losses; absent classes weigh 1).
+        ``resume_from``: a checkpoint written by :class:`~portanet.callbacks.ModelCheckpoint`; weights, optimizer,
+        RNG state, history and callback state are restored and training continues up to ``epochs`` in all.
+
+        NaN or inf in in-memory inputs raise ValueError before training (streamed batches: StreamError, with the
+        weights put back). A NaN or inf loss stops training with FloatingPointError naming the epoch and step; the
+        model keeps its last finite weights (``callbacks=[TerminateOnNaN()]`` stops without raising).
         """
-        x, y, sample_weight = self._prepare(x, y, sample_weight, "fit()")
+        if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0):
+            raise ValueError(f"log_every must be a positive integer or None, got {log_every!r}")
+        x, y, sample_weight = self._prepare(x, y, sample_weight, "fit()", steps=steps_per_epoch)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+        fraction = _split.check_fraction(validation_split, x, y, sample_weight)
         val = None
         if validation_data is not None:
+            if fraction:
+                raise ValueError("pass validation_data or validation_split to fit(), not both")
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
                 raise ValueError("validation_data must be a tuple (x_val, y_val) or (x_val, y_val, sample_weight)")
             val = self._prepare(*validation_data, *(() if len(validation_data) == 3 else (None,)), "fit()")
+        class_table = self._class_weight_table(class_weight)
+        for name, a in (("x", x), ("y", y), ("sample_weight", sample_weight)) + (
+                () if val is None else (("validation x", val[0]), ("validation y", val[1]))):
+            _reject_nonfinite(a, name)
+        checkpoint = None if resume_from is None else _io.read_checkpoint(resume_from, self)
+        # -- nothing has changed so far; from here on the model trains
+        split_seed = None
+        if fraction:
+            split_seed = checkpoint.fit.get("split_seed") if checkpoint else int(self._rng.integers(2**63))
+            x, y, sample_weight, val = self._split_validation(x, y, sample_weight, fraction, split_seed)
         train = self._batches(x, y, sample_weight, batch_size, shuffle)
+        config = {"epochs": epochs, "batch_size": train.batch_size, "shuffle": bool(shuffle),
+                  "validation_split": fraction, "split_seed": split_seed}
+        if checkpoint is not None:
+            _warn_if_changed(checkpoint, config)
         history = History()
         cbs = CallbackList([history, *(callbacks or [])], model=self, verbose=verbose, epochs=epochs,
                            steps=len(train))
+        every = log_every or (max(1, len(train) // 20) if verbose == 1 else None)
         self.stop_training = False
         cbs.on_train_begin()
-        for epoch in range(epochs):
-            cbs.on_epoch_begin(epoch)
-            logs = self._run_epoch(train, cbs)
-            if val is not None:
-                logs.update({f"val_{k}": v for k, v in self._evaluate(*val, batch_size=max(batch_size, 1024)).items()})
-            cbs.on_epoch_end(epoch, logs)
-            if self.stop_training:
-                break
+        if checkpoint is not None:
+            checkpoint.load_callback_states(cbs.callbacks)
+            checkpoint.restore(self)
+            history.epoch, history.history = checkpoint.history["epoch"], checkpoint.history["history"]
+        self._training = {"history": history, "callbacks": cbs.callbacks, "fit": config}
+        guard = _Guard(self, check_inputs=train.reads_lazily)
+        try:
+            with self._restored_on_stream_error(train):
+                for epoch in range(checkpoint.epoch if checkpoint else 0, epochs):
+                    cbs.on_epoch_begin(epoch)
+                    try:
+                        logs = self._run_epoch(train, cbs, epoch, guard, every, class_table)
+                    except _NonFiniteLoss as bad:
+                        self._stop_on_nonfinite(bad, guard, cbs, len(train))
+                        break
+                    if val is not None:
+                        val_logs = self._evaluate(*val, batch_size=max(batch_size, 1024))
+                        logs.update({f"val_{k}": v for k, v in val_logs.items()})
+                    cbs.on_epoch_end(epoch, logs)
+                    if self.stop_training:
+                        break
+        finally:
+            self._training = None
         cbs.on_train_end()
         self.history = history
         return history
 
-    def _run_epoch(self, batches, cbs) -> dict:
-        """One pass; loss and metric sums stay on the device and are read once at the end."""
-        totals = _Totals(self)
+    def _run_epoch(self, batches, cbs, epoch, guard, log_every=None, class_table=None) -> dict:
+        """One pass; loss and metric sums stay on the device, read at the end (and every ``log_every`` steps)."""
+        totals = _Totals(self, guard)
         for step, (xb, yb, wb) in enumerate(batches):
-            loss, out, logits = self._train_batch(xb, yb, wb)
+            if class_table is not None:
+                w = self.xp.take(class_table, self._class_labels(yb, self.xp), axis=0)
+                wb = w if wb is None else wb * w
+            loss, out, logits = self._train_batch(xb, yb, wb, before_step=guard.batch(xb, epoch, step))
             totals.add(loss, out, yb, logits)
             cbs.on_batch_end(step, loss)
-        return totals.logs()
+            if log_every and (step + 1) % log_every == 0:
+                cbs.on_log(step, totals.logs())
+                guard.passed(epoch, step + 1)
+        logs = totals.logs()
+        guard.passed(epoch + 1, 0)
+        return logs
+
+    def _stop_on_nonfinite(self, bad, guard, cbs, steps):
+        """Put the last finite weights back, then raise FloatingPointError unless a callback stops training."""
+        kept = guard.recover()
+        for layer in self.layers:
+            layer.clear_cache()
+        what = "NaN or inf" if bad.value is None else ("NaN" if math.isnan(bad.value) else str(bad.value))
+        message = (f"the loss became {what} at epoch {bad.epoch + 1}, step {bad.step + 1} of {steps}; training "
+                   f"stopped and the model keeps {kept}. Likely causes: a learning rate too high (try one 10x "
+                   "lower), inputs that are not scaled (standardize each feature to mean 0 and std 1), NaN or inf in "
+                   "y, or a loss or activation that overflows. callbacks=[TerminateOnNaN()] stops without raising.")
+        cbs.on_nonfinite_loss(bad.epoch, bad.step)
+        if not self.stop_training:
+            raise FloatingPointError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _classes(self) -> int | None:
+        """Number of classes for a classification loss (2 for a single sigmoid output), None otherwise."""
+        if self.loss.sparse or self.loss.name == "categorical_crossentropy":
+            return self.output_dim
+        if self.loss.name == "binary_crossentropy" and self.output_dim == 1:
+            return 2
+        return None
+
+    def _class_labels(self, y, xp):
+        """Integer class labels (samples,) of targets ``y`` (namespace ``xp``) for a classification loss."""
+        if self.loss.sparse:
+            return xp.astype(xp.reshape(y, (-1,)), xp.int64)
+        if self.output_dim == 1:
+            return xp.astype(xp.reshape(y, (-1,)) > 0.5, xp.int64)
+        return xp.argmax(y, axis=1)
+
+    def _class_weight_table(self, class_weight):
+        """``class_weight`` as a (classes,) array on the device, checked; None when not given."""
+        if class_weight is None:
+            return None
+        if not isinstance(class_weight, dict):
+            raise TypeError(f"class_weight must be a dict {{class: weight}}, got {type(class_weight).__name__}")
+        n = self._classes()
+        if n is None:
+            raise ValueError("class_weight needs a classification loss (sparse_categorical_crossentropy, "
+                             f"categorical_crossentropy, or binary_crossentropy with one output), got {self.loss.name}")
+        table = [1.0] * n
+        for label, weight in class_weight.items():
+            if isinstance(label, bool) or not hasattr(label, "__index__") or not 0 <= label < n:
+                raise ValueError(f"class_weight keys must be class indices in [0, {n}), got {label!r}")
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
+                raise ValueError(f"class_weight[{label}] must be a finite number >= 0, got {weight!r}")
+            table[int(label)] = float(weight)
+        return self._device.from_host(table, self.dtype)
+
+    def _split_validation(self, x, y, sample_weight, fraction, seed):
+        """Hold out ``fraction`` of the rows (stratified by class for classification) as validation data."""
+        labels = None
+        if self._classes() is not None:
+            labels = _backend.to_numpy(self._class_labels(y, array_api_compat.array_namespace(y)))
+        train_rows, val_rows = _split.split_rows(x.shape[0], fraction, labels, seed)
+        take = _backend.take_rows
+        parts = [None if a is None else (take(a, train_rows), take(a, val_rows)) for a in (x, y, sample_weight)]
+        (x, x_val), (y, y_val) = parts[0], parts[1]
+        w, w_val = parts[2] or (None, None)
+        return x, y, w, (x_val, y_val, w_val)
 
     @_on_device
-    def evaluate(self, x, y, *, batch_size=1024, sample_weight=None) -> dict:
-        """Mean loss and metrics over (x, y) as ``{"loss": float, "accuracy": float, ...}``."""
-        x, y, sample_weight = self._prepare(x, y, sample_weight, "evaluate()")
+    def evaluate(self, x, y=None, *, batch_size=1024, sample_weight=None, steps=None) -> dict:
+        """Mean loss and metrics over (x, y) as ``{"loss": float, "accuracy": float, ...}``.
+
+        Takes what ``fit`` takes; ``steps``: batches to read from an iterable of batches without a length.
+        """
+        x, y, sample_weight = self._prepare(x, y, sample_weight, "evaluate()", steps=steps)
         return self._evaluate(x, y, sample_weight, batch_size)
 
     def _evaluate(self, x, y, sample_weight=None, batch_size=1024) -> dict:
@@ -363,38 +530,126 @@ class Model:
 
     @_on_device
     def predict(self, x, *, batch_size=1024, to_numpy=False):
-        """Outputs for x, batch by batch: an array of the model's namespace on its device, or NumPy with ``to_numpy``."""
+        """Outputs (samples, outputs) for x, computed batch by batch.
+
+        x: an array of any library/device, a memory map or a sliceable. Returns an array of the model's namespace
+        on its device, or with ``to_numpy=True`` a NumPy array filled batch by batch on the host (the device then
+        holds one batch of outputs at a time).
+        """
         self._require_built("predict()")
         x = check_array(x, "x")
         if x.shape[1] != self.input_dim:
             raise ValueError(f"x has {x.shape[1]} features but the model expects {self.input_dim}")
-        outs = []
+        n, width = x.shape[0], self.output_dim
+        result = _data.host_empty((n, width), self.dtype) if to_numpy else self._device.zeros((n, width), self.dtype)
+        start = 0
         for xb, _, _ in Batches(x, batch_size=batch_size, device=self._device, dtype=self.dtype):
             out = self._forward(xb, training=False)
-            outs.append(_backend.to_numpy(out).copy() if to_numpy else out)
+            stop = start + out.shape[0]
+            result[start:stop, ...] = _backend.to_numpy(out) if to_numpy else out
+            start = stop
         for layer in self.layers:
             layer.clear_cache()
-        if to_numpy:
-            return concat_host(outs)
-        return outs[0] if len(outs) == 1 else self.xp.concat(outs, axis=0)
+        return result
 
     # -- placement -------------------------------------------------------------------------
     def to(self, device=None, backend=None) -> "Model":
-        """Move parameters, optimizer state and buffers to another device/backend, in place; returns the model."""
-        target = resolve_device(device if device is not None else ("cpu" if backend in (None, "numpy") else None), backend)
+        """Move parameters, gradients, optimizer state, dropout generator and caches to another device or library,
+        in place; returns the model. Moving and moving back gives bit-identical parameters.
+
+        ``device``: "cpu", "cuda:1", a namespace's device object, read in the model's current library when it has
+        that device (a torch model stays torch); or a backend ("torch", "numpy", ``array_api_strict``) for its
+        default device. ``backend=`` switches library explicitly. On error (no CuPy, no such device) nothing moves.
+        """
+        target = _backend.move_target(self._device, device, backend)
         if target == self._device:
             return self
-        flat = target.asarray(self._flat) if self.built else None
+        with target.scope():
+            flat = target.xp.asarray(target.asarray(self._flat), copy=True) if self.built else None  # never aliases
         if self.optimizer is not None:
             self.optimizer.to(target)
+        for layer in self.layers:
+            layer.clear_cache()
         self._device = target
         if flat is not None:
+            random_state = self._random.get_state()
             self._install(flat)
+            self._random.set_state(random_state)  # host generators (NumPy, array-api-strict) continue their stream
         return self
 
     def __repr__(self):
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Model([{inner}], device={self._device.name!r}, dtype={self.dtype!r})"
+
+    # -- summary ---------------------------------------------------------------------------
+    def _summary(self):
+        """``(title, rows, total)``: one row (layer, output shape, activation, parameters) per layer; shapes and
+        counts are "?" until the input width is known."""
+        dim = self.input_dim if self.input_dim is not None else (self.layers[0].input_dim if self.layers else None)
+        title = (f"Model on {self._device.name} ({self.backend}, {self.dtype}), input "
+                 f"{'(batch, ?)' if dim is None else f'(batch, {dim})'}")
+        rows = []
+        for layer in self.layers:
+            activation = getattr(layer, "activation", None)
+            count, shape = "?", "(batch, ?)"
+            if dim is not None:
+                count = sum(math.prod(s) for s in layer.param_shapes(dim).values())
+                dim = layer.output_dim(dim)
+                shape = f"(batch, {dim})"
+            rows.append((f"{layer.name} ({type(layer).__name__})", shape, "" if activation is None else activation.name,
+                         count))
+        counts = [row[3] for row in rows]
+        return title, rows, (sum(counts) if "?" not in counts else "?")
+
+    def summary(self) -> None:
+        """Print a table of the layers (name and type, output shape, activation, parameters) and the total."""
+        title, rows, total = self._summary()
+        header = ("Layer (type)", "Output shape", "Activation", "Params")
+        cells = [header] + [(name, shape, act, f"{n:,}" if n != "?" else n) for name, shape, act, n in rows]
+        widths = [max(len(str(row[i])) for row in cells) for i in range(4)]
+
+        def line(row):
+            return "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+        rule = "-" * len(line(header))
+        body = [line(row) for row in cells[1:]]
+        print("\n".join([title, line(header), rule, *body, rule,
+                         f"Total params: {total:,}" if total != "?" else "Total params: ? (not built yet)"]))
+
+    def _repr_html_(self) -> str:
+        """The summary as an HTML table (Jupyter shows it when a model is the last expression of a cell)."""
+        title, rows, total = self._summary()
+        esc = html.escape
+        body = "".join(f"<tr><td>{esc(name)}</td><td>{esc(shape)}</td><td>{esc(act)}</td>"
+                       f"<td style='text-align:right'>{n:,}</td></tr>" if n != "?" else
+                       f"<tr><td>{esc(name)}</td><td>{esc(shape)}</td><td>{esc(act)}</td><td>?</td></tr>"
+                       for name, shape, act, n in rows)
+        return (f"<table><caption>{esc(title)}</caption><thead><tr><th>Layer (type)</th><th>Output shape</th>"
+                f"<th>Activation</th><th>Params</th></tr></thead><tbody>{body}</tbody><tfoot><tr><td colspan='3'>"
+                f"Total params</td><td style='text-align:right'>{total if total == '?' else f'{total:,}'}</td></tr>"
+                "</tfoot></table>")
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, path, include_optimizer: bool = True) -> None:
+        """Write the model to one safetensors file: weights, optimizer state (with ``include_optimizer``), and the
+        architecture and training configuration as JSON metadata; written atomically. :func:`portanet.load` reads it."""
+        _io.save(self, path, include_optimizer)
+
+    def save_weights(self, path) -> None:
+        """Write the weights (no optimizer state) to one safetensors file; :meth:`load_weights` reads it back."""
+        _io.save_weights(self, path)
+
+    @_on_device
+    def load_weights(self, path) -> "Model":
+        """Copy the weights of a portanet file (or a safetensors file with matching names) into this model; names
+        and shapes are checked first (ModelFileError). Returns the model."""
+        _io.load_weights(self, path)
+        return self
+
+    @staticmethod
+    def load(path, device="cpu", backend=None) -> "Model":
+        """Same as :func:`portanet.load`: rebuild a saved model on ``device`` / ``backend``."""
+        return _io.load(path, device=device, backend=backend)
 
     def get_config(self) -> dict:
         """Architecture and training configuration as plain JSON-able data."""
@@ -419,11 +674,15 @@ class Model:
 
 
 class _Totals:
-    """Sample-weighted sums of the loss and metrics, kept on the device until :meth:`logs` reads them once."""
+    """Sample-weighted sums of the loss and metrics, kept on the device until :meth:`logs` reads them once.
 
-    def __init__(self, model):
+    With a :class:`_Guard` that tracks on the device, its flags ride along in the same transfer and are checked.
+    """
+
+    def __init__(self, model, guard=None):
         self.xp, self.metrics = model.xp, model.metrics
         self.loss, self.sums, self.n = None, [None] * len(model.metrics), 0
+        self.guard = guard if guard is not None and not guard.host else None
 
     def add(self, loss, out, y, logits):
         nb = out.shape[0]
@@ -434,9 +693,128 @@ class _Totals:
         self.n += nb
 
     def logs(self) -> dict:
-        logs = {"loss": float(self.loss) / self.n}
-        logs.update({m.name: float(s) / self.n for m, s in zip(self.metrics, self.sums)})
-        return logs
+        """Means so far, read back from the device in one transfer."""
+        xp, dtype = self.xp, self.loss.dtype
+        flags = self.guard.flags() if self.guard is not None else ()
+        values = _backend.to_numpy(xp.stack([xp.astype(s, dtype) for s in (self.loss, *self.sums, *flags)]))
+        if flags:
+            self.guard.verify([float(v) for v in values[-len(flags):]])
+            values = values[:-len(flags)]
+        return {name: float(s) / self.n for name, s in zip(["loss", *(m.name for m in self.metrics)], values)}
+
+
+class _NonFiniteLoss(Exception):
+    """Raised inside fit's loop at the first NaN/inf loss; ``value`` is None when only known on the device."""
+
+    def __init__(self, epoch, step, value=None):
+        super().__init__(epoch, step, value)
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+class _Guard:
+    """Stops training at the first NaN/inf loss (or NaN/inf in a lazily read x batch) and keeps finite weights.
+
+    In host memory each step's loss (and x batch) is checked before its update, so a bad step never reaches the
+    weights. On other devices nothing is read per step: flags accumulate on the device, ride along with the periodic
+    read of the running loss (:class:`_Totals`), and on a failure the weights and optimizer state go back to the
+    snapshot taken at the last good read.
+    """
+
+    def __init__(self, model, check_inputs):
+        self.model, self.check_inputs, self.host = model, check_inputs, model.device.host_memory
+        self.passed(0, 0)
+
+    def passed(self, epoch, step):
+        """A read found everything finite up to ``step`` of ``epoch`` (0-based): snapshot and restart the flags.
+
+        In host memory steps are checked one by one and the snapshot is only a fallback (for a finite loss whose
+        update overflowed), taken at epoch boundaries.
+        """
+        if self.host and step:
+            return
+        model, xp, opt = self.model, self.model.xp, self.model.optimizer
+        where = "the start of training" if epoch == step == 0 else (
+            f"the end of epoch {epoch}" if step == 0 else f"step {step} of epoch {epoch + 1}")
+        self.saved = (xp.asarray(model._flat, copy=True), {k: xp.asarray(v, copy=True) for k, v in opt.state.items()},
+                      opt.iterations, where)
+        self.epoch, self.since = epoch, step
+        if not self.host:
+            dev = model.device
+            self.loss_ok, self.loss_steps = xp.logical_not(dev.zeros((), "bool")), dev.zeros((), "int64")
+            self.x_ok, self.x_steps = self.loss_ok, self.loss_steps
+
+    def batch(self, xb, epoch, step):
+        """Check (host memory) or track (device) the x batch of one step; returns that step's ``before_step(loss)``."""
+        xp = self.model.xp
+        if self.host:
+            if self.check_inputs and not bool(xp.all(xp.isfinite(xb))):
+                raise _data.StreamError(_bad_batch(epoch, step))
+
+            def check(loss):
+                value = float(loss)
+                if not math.isfinite(value):
+                    raise _NonFiniteLoss(epoch, step, value)
+            return check
+
+        if self.check_inputs:  # leading finite steps since the last read, counted on the device
+            self.x_ok = xp.logical_and(self.x_ok, xp.all(xp.isfinite(xb)))
+            self.x_steps = self.x_steps + xp.astype(self.x_ok, xp.int64)
+
+        def track(loss):
+            self.loss_ok = xp.logical_and(self.loss_ok, xp.isfinite(loss))
+            self.loss_steps = self.loss_steps + xp.astype(self.loss_ok, xp.int64)
+        return track
+
+    def flags(self):
+        return (self.x_ok, self.x_steps, self.loss_ok, self.loss_steps)
+
+    def verify(self, values):
+        x_ok, x_steps, loss_ok, loss_steps = values
+        if self.check_inputs and not x_ok:
+            raise _data.StreamError(_bad_batch(self.epoch, self.since + int(x_steps)))
+        if not loss_ok:
+            raise _NonFiniteLoss(self.epoch, self.since + int(loss_steps))
+
+    def recover(self) -> str:
+        """Make the weights finite again; say which weights the model now holds."""
+        model, xp = self.model, self.model.xp
+        if self.host and bool(xp.all(xp.isfinite(model._flat))):
+            return "the weights from before that step"
+        flat, state, iterations, where = self.saved
+        model._flat[...] = flat
+        model.optimizer.state = {k: xp.asarray(v, copy=True) for k, v in state.items()}
+        model.optimizer.iterations = iterations
+        return f"the weights from {where}"
+
+
+def _bad_batch(epoch, step) -> str:
+    return (f"batch {step} of x in epoch {epoch + 1} holds NaN or inf; training stopped and the weights were put "
+            "back as they were: clean or impute the data first")
+
+
+def _reject_nonfinite(a, name):
+    """ValueError when an in-memory float array holds NaN or inf (one device read; lazily read data is checked per
+    batch during training instead)."""
+    if a is None or not _data.in_memory(a):
+        return
+    xp = array_api_compat.array_namespace(a)
+    if not xp.isdtype(a.dtype, "real floating"):
+        return
+    finite = xp.isfinite(a)
+    if bool(xp.all(finite)):
+        return
+    first = int(xp.argmin(xp.astype(xp.reshape(finite, (-1,)), a.dtype)))
+    row = first // math.prod(a.shape[1:])
+    raise ValueError(f"{name} holds NaN or inf (the first in row {row}); training on it would turn the weights into "
+                     "NaN: clean or impute the data first")
+
+
+def _warn_if_changed(checkpoint, config):
+    for key in ("batch_size", "shuffle", "validation_split"):
+        if key in checkpoint.fit and checkpoint.fit[key] != config[key]:
+            warnings.warn(f"resuming from {checkpoint.path} with {key}={config[key]!r}, but it was trained with "
+                          f"{checkpoint.fit[key]!r}: training will not continue exactly as an uninterrupted run would",
+                          stacklevel=4)
 
 
 def _output_dim(layers, width):

@@ -1,7 +1,8 @@
 """Optimizers: SGD, Adam, AdamW, RMSprop over one flat parameter buffer.
 
 State is created with ``zeros_like`` on the parameters' device and moves with them; math goes through ``xp`` only.
-Every parameter write happens in :meth:`Optimizer._apply`, so an immutable backend needs one change.
+Every portable parameter write happens in :meth:`Optimizer._apply`, so an immutable backend needs one change
+(the in-place fast kernels of ``Device.fast`` exist only for NumPy and CuPy).
 """
 
 from __future__ import annotations
@@ -67,13 +68,19 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
     # -- update -------------------------------------------------------------------
-    def step(self, params, grads) -> None:
+    def step(self, params, grads, fast=None) -> None:
+        """Update ``params`` in place from ``grads``; ``fast``: the device's in-place kernels (``Device.fast``) or None."""
         self._ensure_state(params)
         self.iterations += 1
-        self._step(params, grads)
+        if fast is None or not self._fast_step(params, grads, fast):
+            self._step(params, grads)
 
     def _step(self, params, grads):
         raise NotImplementedError
+
+    def _fast_step(self, params, grads, fast) -> bool:
+        """The same update through ``fast`` kernels; False where there are none (then ``_step`` runs)."""
+        return False
 
     @staticmethod
     def _apply(params, delta):
@@ -124,6 +131,7 @@ class Adam(Optimizer):
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        self._scratch = None  # the fast kernels' work array, kept between steps
 
     def _decay(self, params, grads):
         return grads + self.weight_decay * params if self.weight_decay else grads
@@ -131,14 +139,25 @@ class Adam(Optimizer):
     def _step(self, params, grads):
         g = self._decay(params, grads)
         m, v = self.state["m"], self.state["v"]
-        b1, b2, t = self.beta_1, self.beta_2, self.iterations
+        b1, b2 = self.beta_1, self.beta_2
         m *= b1
         m += (1.0 - b1) * g
         v *= b2
         v += (1.0 - b2) * (g * g)
-        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
-        denom = self._sqrt(v) * (1.0 / math.sqrt(bc2)) + self.epsilon
-        self._apply(params, (self.lr / bc1) * m / denom)
+        step_size, inv_sqrt_bc2 = self._bias_corrections()
+        denom = self._sqrt(v) * inv_sqrt_bc2 + self.epsilon
+        self._apply(params, step_size * m / denom)
+
+    def _fast_step(self, params, grads, fast):
+        step_size, inv_sqrt_bc2 = self._bias_corrections()
+        self._scratch = fast.adam(params, self._decay(params, grads), self.state["m"], self.state["v"], self.beta_1,
+                                  self.beta_2, step_size, inv_sqrt_bc2, self.epsilon, self._scratch)
+        return True
+
+    def _bias_corrections(self):
+        """``(lr / (1 - beta_1**t), 1 / sqrt(1 - beta_2**t))`` at the current step t."""
+        t = self.iterations
+        return self.lr / (1.0 - self.beta_1**t), 1.0 / math.sqrt(1.0 - self.beta_2**t)
 
     @staticmethod
     def _sqrt(v):
