@@ -19,11 +19,11 @@ from . import layers as _layers
 from . import losses as _losses
 from . import metrics as _metrics
 from . import optimizers as _optimizers
-from . import _backend, _split
+from . import _backend
+from . import data as _data
 from . import io as _io
 from ._backend import Device, _library, dtype_name, host_rng, resolve_device
 from .callbacks import CallbackList, History
-from . import data as _data
 from .data import Batches, check_array, check_lengths
 
 __all__ = ["Model"]
@@ -375,7 +375,7 @@ class Model:
         x, y, sample_weight = self._prepare(x, y, sample_weight, "fit()", steps=steps_per_epoch)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
-        fraction = _split.check_fraction(validation_split, x, y, sample_weight)
+        fraction = _data.check_fraction(validation_split, x, y, sample_weight)
         val = None
         if validation_data is not None:
             if fraction:
@@ -503,7 +503,7 @@ class Model:
         labels = None
         if self._classes() is not None:
             labels = _backend.to_numpy(self._class_labels(y, array_api_compat.array_namespace(y)))
-        train_rows, val_rows = _split.split_rows(x.shape[0], fraction, labels, seed)
+        train_rows, val_rows = _data.split_rows(x.shape[0], fraction, labels, seed)
         take = _backend.take_rows
         parts = [None if a is None else (take(a, train_rows), take(a, val_rows)) for a in (x, y, sample_weight)]
         (x, x_val), (y, y_val) = parts[0], parts[1]

@@ -5,7 +5,7 @@ import pytest
 
 import portanet as pn
 from portanet import to_numpy
-from portanet._split import split_rows
+from portanet.data import split_rows
 from portanet.data import StreamError
 from portanet.testing import assert_close
 
