@@ -211,7 +211,8 @@ class Model:
     def _forward_loss(self, x, y, sample_weight=None, training=False):
         """Forward pass and loss for one device batch.
 
-        Returns ``(loss, grad, out, logits)``: the 0-d loss, dL/d(out), the output (pre-activation when ``logits``).
+        Returns ``(loss, grad, out, fusion)``: the 0-d loss, dL/d(out), the output (pre-activation unless
+        ``fusion == "plain"``) and how the loss met the output (see :meth:`_fusion`).
         """
         xp = self.xp
         fusion = self._fusion()
@@ -230,12 +231,12 @@ class Model:
         else:
             per, grad = self.loss.per_sample_logits(out, y, xp)
         loss, grad = _losses.reduce(per, grad, xp, sample_weight)
-        return loss, grad, out, fusion != "plain"
+        return loss, grad, out, fusion
 
     def _loss_and_backward(self, x, y, sample_weight=None, training=True):
         """Forward, loss and backward for one device batch; fills the gradient buffer. Returns ``(loss, out, logits)``."""
-        loss, grad, out, logits = self._forward_loss(x, y, sample_weight, training)
-        fused_last = logits and self._fusion() == "layer"
+        loss, grad, out, fusion = self._forward_loss(x, y, sample_weight, training)
+        fused_last = fusion == "layer"
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
             if fused_last and i == len(self.layers) - 1:
@@ -244,7 +245,7 @@ class Model:
                 grad = layer.backward(grad, self._need_input_grad[i])
         for layer in self.layers:
             layer.clear_cache()
-        return loss, out, logits
+        return loss, out, fusion != "plain"
 
     def _train_batch(self, x, y, sample_weight=None, before_step=None):
         loss, out, logits = self._loss_and_backward(x, y, sample_weight, training=True)
@@ -522,8 +523,8 @@ class Model:
     def _evaluate(self, x, y, sample_weight=None, batch_size=1024) -> dict:
         totals = _Totals(self)
         for xb, yb, wb in self._batches(x, y, sample_weight, batch_size, shuffle=False):
-            loss, _, out, logits = self._forward_loss(xb, yb, wb, training=False)
-            totals.add(loss, out, yb, logits)
+            loss, _, out, fusion = self._forward_loss(xb, yb, wb, training=False)
+            totals.add(loss, out, yb, fusion != "plain")
         for layer in self.layers:
             layer.clear_cache()
         return totals.logs()
