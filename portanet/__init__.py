@@ -1,15 +1,15 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
 from . import activations, callbacks, data, datasets, io, layers, losses, metrics, optimizers
-from ._backend import Device, resolve_device, to_numpy
+from .backends import Device, resolve_device, to_numpy
 from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                         TerminateOnNaN)
 from .gradcheck import check_gradients
-from .io import ModelFileError, load
+from .io import ModelFileError
 from .layers import Activation, Dense, Dropout
 from .losses import (BinaryCrossentropy, CategoricalCrossentropy, Huber, MeanAbsoluteError, MeanSquaredError,
                      SparseCategoricalCrossentropy)
-from .model import Model
+from .model import Model, load
 from .optimizers import SGD, Adam, AdamW, RMSprop
 
 __version__ = "0.1.0"

@@ -19,11 +19,18 @@ class ActivationFunction:
 
     Subclass it for a custom activation; set ``needs_input = False`` when ``backward`` only reads ``a``
     (so layers need not keep ``z``), and ``init`` to ``"he"`` or ``"glorot"`` for the default initializer.
+    ``kernel`` names a backend in-place kernel computing the same function ("relu", "softmax"); it is not inherited,
+    so a subclass that changes the math never runs a built-in kernel.
     """
 
     name = "custom"
     needs_input = True
     init = "glorot"
+    kernel: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.kernel = cls.__dict__.get("kernel")
 
     def forward(self, z, xp):
         raise NotImplementedError
@@ -61,6 +68,7 @@ class ReLU(ActivationFunction):
     name = "relu"
     needs_input = False
     init = "he"
+    kernel = "relu"
 
     def forward(self, z, xp):
         return xp.maximum(z, 0.0)
@@ -170,6 +178,7 @@ class Softmax(ActivationFunction):
 
     name = "softmax"
     needs_input = False
+    kernel = "softmax"
 
     def forward(self, z, xp):
         e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))

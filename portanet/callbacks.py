@@ -12,28 +12,41 @@ import os
 import sys
 
 from . import io as _io
+from ._owner import Owned
 
-__all__ = ["Callback", "CallbackList", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler",
+__all__ = ["Callback", "CallbackList", "check_callbacks", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler",
            "ReduceLROnPlateau", "TerminateOnNaN"]
 
 
-class Callback:
-    """Base class: override any of ``on_train_begin/end``, ``on_epoch_begin/end``, ``on_batch_end``, ``on_log``,
-    ``on_nonfinite_loss``.
+class Callback(Owned):
+    """Base class: override any of ``on_train_begin/end``, ``on_epoch_begin/end``, ``on_epoch_complete``,
+    ``on_batch_end``, ``on_log``, ``on_nonfinite_loss``.
 
-    ``self.model`` is set before ``on_train_begin``. ``logs`` are dicts of floats; ``on_batch_end`` receives the
-    batch loss as a 0-d device array (reading it with ``float()`` syncs the device). Setting
-    ``self.model.stop_training = True`` ends training after the current epoch. A callback with state that should
-    survive ``fit(resume_from=...)`` returns it from ``state_dict()`` (JSON-able values, or arrays: saved in the
-    model's dtype, given back as NumPy arrays) and takes it back in ``load_state_dict()``, called after
-    ``on_train_begin``.
+    ``self.model`` is set before ``on_train_begin``, and ``self.params`` (a dict: ``epochs``, ``steps``,
+    ``verbose``, ``fit`` (the training configuration), ``history`` (the run's History), ``callbacks`` (all callbacks
+    of the run)). ``logs`` are dicts of floats; ``on_batch_end`` receives the batch loss as a 0-d device array
+    (reading it with ``float()`` syncs the device). Setting ``self.model.stop_training = True`` ends training after
+    the current epoch. A callback with state that should survive ``fit(resume_from=...)`` returns it from
+    ``state_dict()`` (JSON-able values, or a weights snapshot from ``model.snapshot()``) and takes it back in
+    ``load_state_dict()``, called after ``on_train_begin``. ``check_logs(keys)`` raises when the callback would read
+    a log key the run will never log, so ``fit`` rejects it before training starts. A callback serves one model at
+    a time (a second live model raises).
     """
 
     model = None
-    _order = 0  # run after callbacks of lower order: user callbacks, then History, ModelCheckpoint, the display
+    params: dict = {}
+    _order = 0  # run after callbacks of lower order: user callbacks, then History, the display
 
     def set_model(self, model):
+        self.attach(model, f"callback {type(self).__name__}")
         self.model = model
+
+    def set_params(self, params: dict):
+        self.params = params
+
+    def check_logs(self, keys) -> None:
+        """Raise ValueError when ``on_epoch_end`` would read a key missing from ``keys``, the epoch logs this run
+        will have (checked by ``fit`` before training)."""
 
     def on_train_begin(self, logs=None):
         pass
@@ -46,6 +59,9 @@ class Callback:
 
     def on_epoch_end(self, epoch, logs=None):
         pass
+
+    def on_epoch_complete(self, epoch, logs=None):
+        """After every callback's ``on_epoch_end``: the epoch's state is final (checkpoints are written here)."""
 
     def on_batch_end(self, step, loss=None):
         pass
@@ -168,6 +184,9 @@ class EarlyStopping(Callback):
         self.restore_best_weights = bool(restore_best_weights)
         self.on_train_begin()
 
+    def check_logs(self, keys):
+        self._monitor.value(dict.fromkeys(keys, 0.0))
+
     def on_train_begin(self, logs=None):
         self._monitor.reset()
         self.wait, self.best_epoch, self.stopped_epoch, self.best_weights = 0, None, None, None
@@ -176,7 +195,7 @@ class EarlyStopping(Callback):
         if self._monitor.improved(self._monitor.value(logs)):
             self.wait, self.best_epoch = 0, epoch
             if self.restore_best_weights:
-                self.best_weights = self.model.xp.asarray(self.model._flat, copy=True)
+                self.best_weights = self.model.snapshot()
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -185,7 +204,7 @@ class EarlyStopping(Callback):
 
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
-            self.model._flat[...] = self.best_weights
+            self.model.restore(self.best_weights)
 
     def state_dict(self):
         state = {**self._monitor.state(), "wait": self.wait, "best_epoch": self.best_epoch}
@@ -197,7 +216,7 @@ class EarlyStopping(Callback):
         self._monitor.load(state)
         self.wait, self.best_epoch = int(state["wait"]), state["best_epoch"]
         if "best_weights" in state:
-            self.best_weights = self.model.device.from_host(state["best_weights"], self.model.dtype)
+            self.best_weights = state["best_weights"]
 
 
 class ModelCheckpoint(Callback):
@@ -208,31 +227,44 @@ class ModelCheckpoint(Callback):
     ``path`` may hold fields filled from the 1-based epoch and the logs: ``"ckpt-{epoch:03d}-{val_loss:.3f}.safetensors"``;
     without fields the same file is replaced each time (atomically: a crash mid-write leaves the previous one).
     ``save_best_only``: write only when ``monitor`` improved (``mode`` and ``min_delta`` as in EarlyStopping).
-    It runs after the other callbacks, so the state it saves includes their updates for the epoch.
+    It writes in ``on_epoch_complete``, after every callback's ``on_epoch_end``, so the file holds every callback's
+    state at the end of the epoch whatever the order of the list.
     """
-
-    _order = 2
 
     def __init__(self, path, monitor: str = "val_loss", save_best_only: bool = False, mode: str = "auto",
                  min_delta: float = 0.0):
         self.path = os.fspath(path)
         self.save_best_only = bool(save_best_only)
         self._monitor = _Monitor("ModelCheckpoint", monitor, mode, min_delta)
-        self.last_path = None
+        self.last_path = self._pending = None
+
+    def check_logs(self, keys):
+        logs = dict.fromkeys(keys, 0.0)
+        if self.save_best_only:
+            self._monitor.value(logs)
+        self._path(0, logs)
 
     def on_train_begin(self, logs=None):
         self._monitor.reset()
+        self._pending = None
 
     def on_epoch_end(self, epoch, logs=None):
+        self._pending = None
         if self.save_best_only and not self._monitor.improved(self._monitor.value(logs)):
             return
+        self._pending = self._path(epoch, logs)
+
+    def _path(self, epoch, logs):
         try:
-            path = self.path.format(epoch=epoch + 1, **(logs or {}))
+            return self.path.format(epoch=epoch + 1, **(logs or {}))
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"ModelCheckpoint path {self.path!r} has a field that is not 'epoch' or a log key "
                              f"({sorted(logs or {})}): {exc}") from exc
-        _io.save_checkpoint(self.model, path, epoch + 1, self.model._training)
-        self.last_path = path
+
+    def on_epoch_complete(self, epoch, logs=None):
+        if self._pending is not None:
+            _io.save_checkpoint(self.model, self._pending, epoch + 1, self.params)
+            self.last_path, self._pending = self._pending, None
 
     def state_dict(self):
         return self._monitor.state()
@@ -286,6 +318,9 @@ class ReduceLROnPlateau(Callback):
         self.patience = _non_negative_int("ReduceLROnPlateau", "patience", patience)
         self.cooldown = _non_negative_int("ReduceLROnPlateau", "cooldown", cooldown)
         self.on_train_begin()
+
+    def check_logs(self, keys):
+        self._monitor.value(dict.fromkeys(keys, 0.0))
 
     def on_train_begin(self, logs=None):
         self._monitor.reset()
@@ -370,21 +405,19 @@ def _format(logs) -> str:
 
 
 class CallbackList:
-    """Dispatches each hook to every callback: user callbacks in the order given, then History, ModelCheckpoint
-    (so checkpoints see every other callback's update for the epoch) and the progress display."""
+    """Dispatches each hook to every callback: user callbacks in the order given, then History, then the progress
+    display. ``params`` is given to every callback (``Callback.params``)."""
 
-    def __init__(self, callbacks, model, verbose=0, epochs=1, steps=None):
-        if verbose not in (0, 1, 2):
-            raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+    def __init__(self, callbacks, model, params: dict):
         callbacks = list(callbacks)
-        for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks must be portanet Callback objects, got {type(cb).__name__}")
+        verbose = params.get("verbose", 0)
         if verbose:
-            callbacks.append(_Progress(verbose, epochs, steps))
+            callbacks.append(_Progress(verbose, params.get("epochs"), params.get("steps")))
         self.callbacks = sorted(callbacks, key=lambda cb: cb._order)
+        params["callbacks"] = self.callbacks
         for cb in self.callbacks:
             cb.set_model(model)
+            cb.set_params(params)
 
     def __getattr__(self, hook):
         if not hook.startswith("on_"):
@@ -395,3 +428,18 @@ class CallbackList:
                 getattr(cb, hook)(*args, **kwargs)
 
         return dispatch
+
+
+def check_callbacks(callbacks) -> list:
+    """``fit(callbacks=...)`` checked: a list (or tuple) of Callback objects; returns it as a list."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        raise TypeError(f"callbacks must be a list of Callback objects, got a single {type(callbacks).__name__}: "
+                        f"write callbacks=[{type(callbacks).__name__}(...)]")
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of Callback objects, got {type(callbacks).__name__}")
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks must be portanet Callback objects, got {type(cb).__name__}")
+    return list(callbacks)

@@ -1,7 +1,8 @@
-"""Batch iteration: validate inputs; cut arrays, memory maps, sliceables and streams of batches into (shuffled)
-batches; send each batch to the model's device. Host data is read one batch (or one block) at a time.
+"""Input data: one adapter per kind of input (in-memory arrays, memory maps and other sliceables, iterables of
+batches), each validating once; batches cut from them (shuffled) and sent to the model's device.
 
-Nothing here does layer math, and nothing here knows which array library is underneath (that is ``_backend``).
+Host data is read one batch (or one block) at a time. Nothing here does layer math, and nothing here knows which
+array library is underneath (that is :mod:`portanet.backends`).
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ import os
 import array_api_compat
 import numpy as np
 
-from ._backend import Device, _library, dtype_name, host_rng, resolve_device, take_rows
+from .backends import Device, dtype_name, host_rng, library_of, resolve_device, take_rows
 
-__all__ = ["batches", "Batches", "StreamError", "check_array", "check_inputs", "check_lengths", "host_empty",
-           "is_stream"]
+__all__ = ["adapt", "batches", "Batches", "ArrayAdapter", "SliceableAdapter", "StreamAdapter", "StreamError",
+           "check_array", "check_lengths", "check_fraction", "split_rows", "host_empty", "is_stream", "in_memory"]
 
 BLOCK_BYTES = 32 * 2**20  # default block for disk-backed data: one contiguous read, then shuffled within
 
 
 class StreamError(ValueError):
-    """A batch read during an epoch (from a stream, or a sliceable read batch by batch) is unusable.
+    """A batch read during an epoch (from a stream, a memory map or a sliceable) is unusable or could not be read.
 
-    ``fit`` catches it only to put weights and optimizer state back as they were, then re-raises it.
+    ``fit`` puts the model back as it was before the call (weights, state, optimizer, random generators), then
+    re-raises it; the message names the source, the batch and the field.
     """
 
 
@@ -32,6 +34,11 @@ def is_stream(x) -> bool:
     if isinstance(x, (list, tuple, str, bytes, dict)) or hasattr(x, "shape"):
         return False
     return isinstance(x, collections.abc.Iterable)
+
+
+def in_memory(a) -> bool:
+    """True for arrays held in memory (any library, any device); False for memory maps and other sliceables."""
+    return array_api_compat.is_array_api_obj(a) and not isinstance(a, np.memmap)
 
 
 def check_array(x, name: str = "x", ndim: tuple = (2,)):
@@ -47,7 +54,7 @@ def check_array(x, name: str = "x", ndim: tuple = (2,)):
     if is_stream(x):
         raise TypeError(f"{name} must be an array here, got an iterable of batches ({type(x).__name__}); "
                         "iterables of (x, y[, sample_weight]) batches go to fit/evaluate as x, with y=None")
-    if isinstance(x, (list, tuple)) or not (hasattr(x, "shape") and hasattr(x, "dtype")) or _library(x) == "pandas":
+    if isinstance(x, (list, tuple)) or not (hasattr(x, "shape") and hasattr(x, "dtype")) or library_of(x) == "pandas":
         try:
             x = np.asarray(x)
         except (ValueError, TypeError) as exc:
@@ -57,9 +64,9 @@ def check_array(x, name: str = "x", ndim: tuple = (2,)):
         raise TypeError(f"{name} must hold numbers (int or float), got dtype {x.dtype}")
     if len(x.shape) not in ndim:
         hint = ""
-        if name == "x" and len(x.shape) > 2:
+        if name.endswith("x") and len(x.shape) > 2:
             hint = "; flatten it first, e.g. x.reshape(len(x), -1)"
-        elif name == "x" and len(x.shape) == 1:
+        elif name.endswith("x") and len(x.shape) == 1:
             hint = "; for a single feature use x.reshape(-1, 1)"
         want = " or ".join(f"{d}-D" for d in ndim)
         raise ValueError(f"{name} must be {want} (samples{', features' if 2 in ndim else ''}), got shape {tuple(x.shape)}{hint}")
@@ -86,97 +93,207 @@ def check_lengths(**arrays) -> int:
     return n
 
 
-def check_inputs(x, y=None, sample_weight=None, *, steps_per_epoch=None):
-    """Validate what ``fit`` / ``evaluate`` got, reading nothing but a stream's first batch.
-
-    Returns ``(x, y, sample_weight)``: checked arrays, or an iterable of batches wrapped as a stream (y and
-    sample_weight None) whose first batch has been read and checked.
-    """
-    if isinstance(x, _Stream) or is_stream(x):
-        for name, value in (("y", y), ("sample_weight", sample_weight)):
-            if value is not None:
-                raise ValueError(f"{name} must be None when x is an iterable of (x, y[, sample_weight]) batches, "
-                                 f"got {type(value).__name__}")
-        return (x if isinstance(x, _Stream) else _Stream(x, steps_per_epoch)), None, None
-    if steps_per_epoch is not None:
-        raise ValueError(f"steps_per_epoch is for iterables of batches; an epoch over arrays covers every row "
-                         f"(x is a {type(x).__name__}), got steps_per_epoch={steps_per_epoch!r}")
-    x = check_array(x, "x")
-    if y is None:
-        raise TypeError("y must be an array of targets, got None (or pass x as an iterable of (x, y) batches)")
-    y = check_array(y, "y", ndim=(1, 2))
-    if sample_weight is not None:
-        sample_weight = check_array(sample_weight, "sample_weight", ndim=(1,))
-    check_lengths(x=x, y=y, sample_weight=sample_weight)
-    return x, y, sample_weight
-
-
-def input_width(x) -> int:
-    """Features per sample of checked inputs (a stream's first batch)."""
-    return x.width if isinstance(x, _Stream) else x.shape[1]
-
-
-def first_targets(x, y):
-    """Targets to check before training: all of an in-memory ``y``, the first batch of a stream or sliceable."""
-    if isinstance(x, _Stream):
-        return x.first[1]
-    return y if in_memory(y) or isinstance(y, np.memmap) else np.asarray(y[0:1024])
-
-
-def in_memory(a) -> bool:
-    """True for arrays held in memory (any library, any device); False for memory maps and other sliceables."""
-    return array_api_compat.is_array_api_obj(a) and not isinstance(a, np.memmap)
-
-
-def _positive_int(value, name):
+def positive_int(value, name) -> int:
+    """``value`` as an int when it is a positive integer, else ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-class _Stream:
-    """An iterable of ``(x, y)`` or ``(x, y, sample_weight)`` batches, ``steps`` of them per epoch, checked one by one.
+def _field(prefix, name):
+    return f"{prefix} {name}" if prefix else name
+
+
+# -- adapters -----------------------------------------------------------------------------------------------------
+class _Adapter:
+    """What every adapter offers: ``width`` (features), ``n`` (rows, None for a stream), ``reads_lazily``,
+    ``first_targets()`` (targets to check up front), ``steps(batch_size)`` and ``parts(...)``: one pass of host
+    or device ``(x, y, sample_weight)`` batches, each checked as it is read."""
+
+    n: int | None = None
+    width: int = 0
+    reads_lazily = False
+
+    def steps(self, batch_size: int, drop_last: bool = False) -> int:
+        return self.n // batch_size if drop_last else -(-self.n // batch_size)
+
+
+class _RowsAdapter(_Adapter):
+    """Arrays addressable by rows: ``x`` (samples, features), ``y`` (samples[, outputs]) or None, ``sample_weight``
+    (samples,) or None; ``prefix`` names them in errors ("validation" -> "validation x")."""
+
+    def __init__(self, x, y=None, sample_weight=None, prefix=""):
+        self.prefix = prefix
+        self.x = check_array(x, _field(prefix, "x"))
+        self.y = None if y is None else check_array(y, _field(prefix, "y"), ndim=(1, 2))
+        self.sample_weight = None if sample_weight is None else check_array(
+            sample_weight, _field(prefix, "sample_weight"), ndim=(1,))
+        self.n = check_lengths(**{_field(prefix, "x"): self.x, _field(prefix, "y"): self.y,
+                                  _field(prefix, "sample_weight"): self.sample_weight})
+        self.width = self.x.shape[1]
+
+    @property
+    def arrays(self):
+        return self.x, self.y, self.sample_weight
+
+    def _batches_of(self, blocks, batch_size, drop_last):
+        """Cut ``(block arrays, order)`` pairs into batches: slices (views) in order, gathered rows when shuffled."""
+        for arrays, order in blocks:
+            size = arrays[0].shape[0]
+            for b in range(0, size, batch_size):
+                end = min(b + batch_size, size)  # the array API has no out-of-range slices
+                if drop_last and end - b < batch_size:
+                    break
+                pick = slice(b, end) if order is None else order[b:end]
+                yield tuple(None if a is None else _pick(a, pick) for a in arrays)
+
+
+class ArrayAdapter(_RowsAdapter):
+    """In-memory arrays of any library and device: a full permutation per shuffled pass, rows gathered where the
+    arrays live (views of the source when not shuffled); validated once, nothing is read per batch."""
+
+    def first_targets(self):
+        return self.y
+
+    def parts(self, batch_size, shuffle=False, rng=None, drop_last=False):
+        order = host_rng(rng).permutation(self.n) if shuffle else None
+        return self._batches_of([(self.arrays, order)], batch_size, drop_last)
+
+    def nonfinite(self):
+        """``(name, first bad row)`` of the first float array holding NaN or inf, else None (one read per array)."""
+        for name, a in zip(("x", "y", "sample_weight"), self.arrays):
+            if a is None:
+                continue
+            xp = array_api_compat.array_namespace(a)
+            if not xp.isdtype(a.dtype, "real floating"):
+                continue
+            finite = xp.isfinite(a)
+            if not bool(xp.all(finite)):
+                first = int(xp.argmin(xp.astype(xp.reshape(finite, (-1,)), a.dtype)))
+                return _field(self.prefix, name), first // max(1, _row_size(a))
+        return None
+
+    def take(self, rows):
+        """A new adapter over rows ``rows`` (host int array) of these arrays, gathered where they live."""
+        return ArrayAdapter(*(None if a is None else take_rows(a, rows) for a in self.arrays), prefix=self.prefix)
+
+
+class SliceableAdapter(_RowsAdapter):
+    """Memory maps and sliceables with ``shape``, ``dtype``, ``len`` and contiguous slicing (h5py, zarr): read one
+    contiguous block at a time (about 32 MB, ``block_size`` rows), blocks in shuffled order and rows shuffled within
+    a block when shuffling; the kernel is asked to read the next block of a memory map ahead. Each batch is checked
+    as it is read; a failing read raises :class:`StreamError` naming the rows and the field."""
+
+    reads_lazily = True
+
+    def __init__(self, x, y=None, sample_weight=None, prefix="", block_size=None):
+        super().__init__(x, y, sample_weight, prefix)
+        lazy = [a for a in self.arrays if a is not None and not in_memory(a)]
+        if block_size is None:
+            row_bytes = sum(_row_size(a) * np.dtype(a.dtype).itemsize for a in lazy)
+            block_size = max(1, BLOCK_BYTES // max(row_bytes, 1))
+        self.block_size = positive_int(block_size, "block_size")
+
+    def first_targets(self):
+        y = self.y
+        return None if y is None else y if in_memory(y) or isinstance(y, np.memmap) else self._read(y, 1, 0, min(self.n, 1024))
+
+    def parts(self, batch_size, shuffle=False, rng=None, drop_last=False):
+        block = max(batch_size, self.block_size // batch_size * batch_size)
+        return self._batches_of(self._blocks(block, shuffle, host_rng(rng)), batch_size, drop_last)
+
+    def _blocks(self, block, shuffle, rng):
+        starts = range(0, self.n, block)
+        if shuffle and len(starts) > 1:
+            starts = [starts[i] for i in rng.permutation(len(starts))]
+        maps = [a for a in self.arrays if isinstance(a, np.memmap)]
+        for k, start in enumerate(starts):
+            stop = min(start + block, self.n)
+            for a in maps:
+                if k == 0:
+                    _read_ahead(a, start, stop)
+                if k + 1 < len(starts):
+                    _read_ahead(a, starts[k + 1], min(starts[k + 1] + block, self.n))
+            arrays = tuple(None if a is None else self._read(a, i, start, stop, gathered=shuffle)
+                           for i, a in enumerate(self.arrays))
+            yield arrays, (rng.permutation(stop - start) if shuffle else None)
+
+    def _read(self, a, index, start, stop, gathered=False):
+        """Rows ``start:stop`` of ``a``: a view when in memory, one contiguous read otherwise.
+
+        A memory map gives a view of its pages, or (``gathered``: rows will be picked in shuffled order) a copy, so
+        the file is read sequentially once instead of page by page at random; h5py or zarr read the slice either way.
+        """
+        if in_memory(a):
+            return a if (start, stop) == (0, a.shape[0]) else a[(slice(start, stop),) + (slice(None),) * (len(a.shape) - 1)]
+        try:
+            block = np.asarray(a[start:stop])
+        except Exception as exc:  # noqa: BLE001 - any failure of the source is a data error, named as one
+            name = _field(self.prefix, ("x", "y", "sample_weight")[index])
+            raise StreamError(f"reading rows {start}:{stop} of {name} ({type(a).__name__}) failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        return block.copy() if gathered and isinstance(a, np.memmap) else block
+
+
+class StreamAdapter(_Adapter):
+    """An iterable of ``(x, y)`` or ``(x, y, sample_weight)`` batches, ``steps`` of them per epoch, checked one by
+    one against the first.
 
     A one-shot iterator (a generator) is consumed across epochs, as in Keras; anything else is iterated afresh
     each epoch. The first batch is read and checked up front; a one-shot iterator keeps it for the first epoch.
     """
 
-    def __init__(self, source, steps_per_epoch=None):
-        self.source = source
+    reads_lazily = True
+
+    def __init__(self, source, steps=None, prefix=""):
+        self.source, self.prefix = source, prefix
         self.one_shot = isinstance(source, collections.abc.Iterator)
-        if steps_per_epoch is None and (self.one_shot or not hasattr(source, "__len__")):
+        if steps is None and (self.one_shot or not hasattr(source, "__len__")):
             raise ValueError(f"steps_per_epoch is required when x is an iterable without a length "
                              f"({type(source).__name__}), got None")
         self.width = None
         it = source if self.one_shot else iter(source)
-        try:
-            first = next(it)
-        except StopIteration:
-            raise ValueError(f"x ({type(source).__name__}) yielded no batches") from None
-        self.first = self._check(first, 0)
+        item = self._next(it, 0)
+        if item is None:
+            raise ValueError(f"{_field(prefix, 'x')} ({type(source).__name__}) yielded no batches")
+        self.first = self._check(item, 0)
         self.width, self._y_tail = self.first[0].shape[1], tuple(self.first[1].shape[1:])
-        self.steps = _positive_int(len(source) if steps_per_epoch is None else steps_per_epoch, "steps_per_epoch")
+        self.n_steps = positive_int(len(source) if steps is None else steps, "steps_per_epoch")
         self._pending = self.first if self.one_shot else None
 
-    def epoch(self):
+    def first_targets(self):
+        return self.first[1]
+
+    def steps(self, batch_size=None, drop_last=False) -> int:
+        return self.n_steps
+
+    def parts(self, batch_size=None, shuffle=False, rng=None, drop_last=False):
         """Yield this epoch's ``steps`` checked batches (host or device arrays, as the source made them)."""
         it = self.source if self.one_shot else iter(self.source)
-        for i in range(self.steps):
+        for i in range(self.n_steps):
             if self._pending is not None:
                 batch, self._pending = self._pending, None
                 yield batch
                 continue
-            try:
-                item = next(it)
-            except StopIteration:
+            item = self._next(it, i)
+            if item is None:
                 hint = ("; a generator is shared by all epochs, so it must yield steps_per_epoch * epochs batches"
                         if self.one_shot else "")
-                raise StreamError(f"x ended after {i} batches of this epoch, but steps_per_epoch={self.steps} "
-                                  f"were expected{hint}") from None
+                raise StreamError(f"{_field(self.prefix, 'x')} ended after {i} batches of this epoch, but "
+                                  f"steps_per_epoch={self.n_steps} were expected{hint}")
             yield self._check(item, i)
 
+    def _next(self, it, i):
+        try:
+            return next(it)
+        except StopIteration:
+            return None
+        except Exception as exc:  # noqa: BLE001 - a failing source is a data error, named as one
+            raise StreamError(f"reading batch {i} of {_field(self.prefix, 'x')} ({type(self.source).__name__}) "
+                              f"failed: {type(exc).__name__}: {exc}") from exc
+
     def _check(self, item, i):
-        where = f"batch {i} of x"
+        where = f"batch {i} of {_field(self.prefix, 'x')}"
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
             got = type(item).__name__ + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
             raise StreamError(f"{where}: expected an (x, y) or (x, y, sample_weight) tuple, got a {got}")
@@ -195,37 +312,57 @@ class _Stream:
         return xb, yb, wb
 
 
+def adapt(x, y=None, sample_weight=None, *, steps=None, block_size=None, prefix="", targets=False, streams=True):
+    """The adapter for ``x`` (and ``y``, ``sample_weight``), validated: arrays, sliceables or a stream.
+
+    ``targets``: y is required (fit/evaluate); a stream carries its own targets. ``streams=False`` refuses
+    iterables of batches. Reads nothing but a stream's first batch. Raises ValueError/TypeError naming the argument,
+    the expected and the got.
+    """
+    if isinstance(x, _Adapter):
+        return x
+    if is_stream(x) and streams:
+        for name, value in (("y", y), ("sample_weight", sample_weight)):
+            if value is not None:
+                raise ValueError(f"{name} must be None when x is an iterable of (x, y[, sample_weight]) batches, "
+                                 f"got {type(value).__name__}")
+        return StreamAdapter(x, steps, prefix)
+    if steps is not None:
+        raise ValueError(f"steps_per_epoch is for iterables of batches; an epoch over arrays covers every row "
+                         f"(x is a {type(x).__name__}), got steps_per_epoch={steps!r}")
+    if targets and y is None:
+        raise TypeError(f"{_field(prefix, 'y')} must be an array of targets, got None (or pass x as an iterable of "
+                        "(x, y) batches)")
+    parts = [None if a is None else check_array(a, _field(prefix, n), nd) for a, n, nd in
+             ((x, "x", (2,)), (y, "y", (1, 2)), (sample_weight, "sample_weight", (1,)))]
+    if all(a is None or in_memory(a) for a in parts):
+        return ArrayAdapter(*parts, prefix=prefix)
+    return SliceableAdapter(*parts, prefix=prefix, block_size=block_size)
+
+
 class Batches:
     """Iterable of ``(x, y, sample_weight)`` batches on ``device`` (``y``, weights may be None); a pass per ``iter``.
 
     ``x``, ``y``: arrays of any supported library and device (gathered where they live, moved batch by batch),
     NumPy memory maps and sliceables with ``shape`` and ``dtype`` (read in contiguous slices), or, as ``x`` alone,
     an iterable of ``(x, y[, sample_weight])`` batches (``steps_per_epoch`` batches per pass, required when it
-    has no length).
+    has no length), or an adapter from :func:`adapt`.
 
     ``shuffle``: a full permutation per pass for in-memory arrays; for memory maps and sliceables a block shuffle
     (contiguous blocks of ``block_size`` rows, about 32 MB by default, in shuffled order, rows shuffled within a
     block) so reads stay sequential. Both come from the host generator ``rng`` (a seed or Generator). Streams are
     not shuffled. ``y_dtype``: "float" (model dtype) or "int" (int64 class labels). ``prefetch``: None or True
-    overlaps uploads with compute on CUDA (CuPy), False turns it off; other devices ignore it. ``check_targets``:
+    overlaps uploads with compute on CUDA, False turns it off; other devices ignore it. ``check_targets``:
     called as ``check_targets(y, name, values=...)`` on every host ``y`` batch that was not checked up front.
     """
 
     def __init__(self, x, y=None, sample_weight=None, *, batch_size=32, shuffle=False, rng=None,
                  device="cpu", dtype="float32", y_dtype="float", drop_last=False, steps_per_epoch=None,
                  block_size=None, prefetch=None, check_targets=None):
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        if isinstance(x, _Stream) or is_stream(x):
-            x, y, sample_weight = check_inputs(x, y, sample_weight, steps_per_epoch=steps_per_epoch)
-            self.n = None
-        else:
-            if steps_per_epoch is not None:
-                check_inputs(x, steps_per_epoch=steps_per_epoch)  # raises the explanation
-            x = check_array(x, "x")
-            y = None if y is None else check_array(y, "y", ndim=(1, 2))
-            sample_weight = None if sample_weight is None else check_array(sample_weight, "sample_weight", ndim=(1,))
-            self.n = check_lengths(x=x, y=y, sample_weight=sample_weight)
-        self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.batch_size = positive_int(batch_size, "batch_size")
+        if block_size is not None:
+            positive_int(block_size, "block_size")
+        self.source = adapt(x, y, sample_weight, steps=steps_per_epoch, block_size=block_size)
         self.shuffle = bool(shuffle)
         self.rng = host_rng(rng)
         self.device = device if isinstance(device, Device) else resolve_device(device)
@@ -234,90 +371,48 @@ class Batches:
         self.drop_last = drop_last
         self.prefetch = prefetch
         self.check_targets = check_targets
-        self.block = None if self.n is None else self._block_rows(block_size)
 
     @property
     def stream(self) -> bool:
         """True when ``x`` is an iterable of batches."""
-        return self.n is None
+        return isinstance(self.source, StreamAdapter)
 
     @property
     def reads_lazily(self) -> bool:
         """True when batches are read (and so checked) during the pass: streams, memory maps, sliceables."""
-        return self.stream or not all(a is None or in_memory(a) for a in (self.x, self.y, self.sample_weight))
+        return self.source.reads_lazily
 
     def __len__(self):
-        if self.stream:
-            return self.x.steps
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return self.source.steps(self.batch_size, self.drop_last)
+
+    def _slices(self):
+        """Host-side (or source-side) batches of one pass, not yet on the device."""
+        return self.source.parts(self.batch_size, self.shuffle, self.rng, self.drop_last)
 
     def __iter__(self):
-        parts = self.x.epoch() if self.stream else self._slices()
-        if self.check_targets is not None and (self.stream or not (in_memory(self.y) or self.y is None)):
+        parts = self._slices()
+        if self.check_targets is not None and self.source.reads_lazily and not in_memory(
+                getattr(self.source, "y", None)):
             parts = self._checked(parts)
         return self.device.upload_batches(parts, (self.dtype, self.y_dtype, self.dtype), prefetch=self.prefetch)
 
-    def _block_rows(self, block_size) -> int:
-        lazy = [a for a in (self.x, self.y, self.sample_weight) if a is not None and not in_memory(a)]
-        if not lazy:
-            return self.n
-        if block_size is None:
-            row_bytes = sum(int(np.prod(a.shape[1:])) * np.dtype(a.dtype).itemsize for a in lazy)
-            block_size = max(1, BLOCK_BYTES // max(row_bytes, 1))
-        block_size = _positive_int(block_size, "block_size")
-        return max(self.batch_size, block_size // self.batch_size * self.batch_size)
-
-    def _plan(self):
-        """``(start, stop, order)`` blocks for one pass; ``order`` is None (rows in sequence) or a permutation.
-
-        Entering a block asks the kernel to start reading the next one from any memory-mapped file.
-        """
-        starts = range(0, self.n, self.block)
-        if self.shuffle and len(starts) > 1:
-            starts = [starts[i] for i in self.rng.permutation(len(starts))]
-        maps = [a for a in (self.x, self.y, self.sample_weight) if isinstance(a, np.memmap)]
-        for k, start in enumerate(starts):
-            stop = min(start + self.block, self.n)
-            for a in maps:
-                if k == 0:
-                    _read_ahead(a, start, stop)
-                if k + 1 < len(starts):
-                    _read_ahead(a, starts[k + 1], min(starts[k + 1] + self.block, self.n))
-            yield start, stop, (self.rng.permutation(stop - start) if self.shuffle else None)
-
-    def _slices(self):
-        """Host-side batches (views where the source allows), not yet on the device."""
-        arrays = (self.x, self.y, self.sample_weight)
-        for start, stop, order in self._plan():
-            blocks = [None if a is None else _rows(a, start, stop, order is not None) for a in arrays]
-            for b in range(0, stop - start, self.batch_size):
-                end = min(b + self.batch_size, stop - start)  # the array API has no out-of-range slices
-                if self.drop_last and end - b < self.batch_size:
-                    break
-                pick = slice(b, end) if order is None else order[b:end]
-                yield tuple(None if blk is None else _pick(blk, pick) for blk in blocks)
-
     def _checked(self, parts):
+        prefix = self.source.prefix
         for i, part in enumerate(parts):
             y = part[1]
             if y is not None:
                 try:
                     self.check_targets(y, "y", values=isinstance(y, np.ndarray))
                 except ValueError as exc:
-                    raise StreamError(f"batch {i} of y: {exc}") from exc
+                    raise StreamError(f"batch {i} of {_field(prefix, 'y')}: {exc}") from exc
             yield part
 
 
-def _rows(a, start, stop, gathered=False):
-    """Rows ``start:stop`` of ``a``: the array itself or a view when in memory, one contiguous read otherwise.
-
-    A memory map gives a view of its pages, or (``gathered``: rows will be picked in shuffled order) a copy, so the
-    file is read sequentially once instead of page by page at random; h5py or zarr read the slice either way.
-    """
-    if in_memory(a):
-        return a if (start, stop) == (0, a.shape[0]) else a[(slice(start, stop),) + (slice(None),) * (len(a.shape) - 1)]
-    block = np.asarray(a[start:stop])
-    return block.copy() if gathered and isinstance(a, np.memmap) else block
+def _row_size(a) -> int:
+    size = 1
+    for d in a.shape[1:]:
+        size *= int(d)
+    return size
 
 
 def _read_ahead(a, start, stop):
@@ -364,16 +459,17 @@ def host_empty(shape, dtype) -> np.ndarray:
 
 
 # -- validation split: which rows go where (host index math) ----------------------------------------
-def check_fraction(fraction, x, y, sample_weight) -> float:
+def check_fraction(fraction, source) -> float:
     """``fit(validation_split=...)`` checked: a number in [0, 1), and in-memory data with rows to spare."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"validation_split must be a number in [0, 1), got {fraction!r}")
     if not fraction:
         return 0.0
-    if not all(a is None or in_memory(a) for a in (x, y, sample_weight)):
+    if not isinstance(source, ArrayAdapter):
+        kind = type(getattr(source, "x", getattr(source, "source", None))).__name__
         raise ValueError("validation_split needs in-memory arrays (a random split of a stream, memory map or "
-                         f"sliceable would read it all); pass validation_data= instead (x is a {type(x).__name__})")
-    n = x.shape[0]
+                         f"sliceable would read it all); pass validation_data= instead (x is a {kind})")
+    n = source.n
     n_val = round(fraction * n)
     if not 1 <= n_val < n:
         raise ValueError(f"validation_split={fraction} of {n} rows leaves {n_val} for validation and {n - n_val} for "

@@ -3,7 +3,6 @@ It must not import an array backend other than NumPy nor touch a device: callers
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import http.client
@@ -11,13 +10,14 @@ import io
 import logging
 import math
 import os
-import secrets
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ._files import write_atomic
 
 __all__ = [
     "MNIST_FILES",
@@ -285,7 +285,7 @@ def _download(folder: Path, origin: str, missing: list[str], mirrors: list[str])
                 failures.append(f"{url}: {_describe(e)}")
                 continue
             path = folder / (name + ".gz")
-            _write_atomic(path, blob)
+            write_atomic(path, blob)
             found[name] = path
             break
         else:
@@ -327,23 +327,3 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A temp file in the same folder, so os.replace is a rename on one filesystem: readers see all or nothing.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

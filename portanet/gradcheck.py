@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import math
 
-from ._backend import host_rng
+from .backends import host_rng
 
 __all__ = ["check_gradients", "numerical_gradients"]
 
 
-def numerical_gradients(model, x, y, eps: float = 1e-6, max_per_param: int | None = None, seed: int = 0) -> dict:
+def numerical_gradients(model, x, y, eps: float = 1e-6, max_per_param: int | None = 32, seed: int = 0) -> dict:
     """Central-difference gradients ``{name: (indices, values)}`` of the compiled ``model``'s loss on (x, y).
 
-    ``model`` is used as it is (use a float64 model for meaningful numbers); ``max_per_param`` samples
-    that many elements of each parameter instead of all of them.
+    ``model`` is used as it is (use a float64 model for meaningful numbers); ``max_per_param`` samples that many
+    elements of each parameter (None: all of them, two forward passes per element).
     """
-    xb, yb, wb = model._device_batch(x, y)
-    flat = model._flat
+    xb, yb, wb = model.prepare_batch(x, y)
+    flat = model.parameter_buffer.values
     rng = host_rng(seed)
     result, offset = {}, 0
     for name, param in model.parameters().items():
@@ -31,26 +31,26 @@ def numerical_gradients(model, x, y, eps: float = 1e-6, max_per_param: int | Non
         for i in idx:
             original = float(flat[offset + i])
             flat[offset + i] = original + eps
-            up = float(model._forward_loss(xb, yb, wb)[0])
+            up = float(model.test_step(xb, yb, wb)[0])
             flat[offset + i] = original - eps
-            down = float(model._forward_loss(xb, yb, wb)[0])
+            down = float(model.test_step(xb, yb, wb)[0])
             flat[offset + i] = original
             values.append((up - down) / (2 * eps))
         result[name] = (idx, values)
         offset += size
-    for layer in model.layers:
-        layer.clear_cache()
     return result
 
 
-def check_gradients(model, x, y, eps: float = 1e-6, max_per_param: int | None = None, seed: int = 0) -> dict:
+def check_gradients(model, x, y, eps: float = 1e-6, max_per_param: int | None = 32, seed: int = 0) -> dict:
     """Worst relative error per parameter between backprop and central differences, computed in float64.
 
     The error of a parameter is ``|g - n| / max(|g| + |n|, 1e-12)`` over its checked elements, with the norms
     taken over the elements (the usual gradient-check measure); below ~1e-6 the backprop is right.
-    Dropout is off (``training=False``); the model itself is not modified.
+    ``max_per_param``: elements sampled per parameter (default 32, chosen with ``seed``; None checks every element,
+    which takes two forward passes per weight: hours for an MNIST-sized model). Dropout is off
+    (``training=False``); the model itself is not modified.
     """
-    ref = model._clone(dtype="float64")
+    ref = model.copy(dtype="float64")
     if ref.loss is None:
         raise RuntimeError("check_gradients() needs a compiled model: call compile(loss=...) first")
     if not ref.built:

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from . import layers as _layers
 from . import optimizers as _optimizers
-from ._backend import resolve_device, to_numpy
-from .datasets import _write_atomic as _write_file
+from ._files import write_atomic as _write_file
+from .backends import to_numpy
+from .params import Snapshot
 
 __all__ = ["ModelFileError", "save", "save_weights", "load", "load_weights", "save_checkpoint", "read_checkpoint",
            "Checkpoint"]
@@ -39,49 +39,59 @@ class ModelFileError(ValueError):
 
 # -- writing ------------------------------------------------------------------------------------------------------
 def save(model, path, include_optimizer: bool = True) -> None:
-    """Write ``model`` to ``path`` (one safetensors file): its weights, with ``include_optimizer`` the optimizer
-    state, and the architecture and training configuration (``model.get_config()``) as JSON metadata."""
+    """Write the built ``model`` to ``path`` (one safetensors file): its weights and non-trainable state, with
+    ``include_optimizer`` the optimizer state, and the architecture and training configuration
+    (``model.get_config()``) as JSON metadata."""
     tensors, meta = _model_parts(model, include_optimizer)
     _write_atomic(path, tensors, meta)
 
 
 def save_weights(model, path) -> None:
-    """Write the weights (and the architecture, for clear errors on load) without optimizer state."""
+    """Write the weights and state (and the architecture, for clear errors on load) without optimizer state."""
     save(model, path, include_optimizer=False)
 
 
-def save_checkpoint(model, path, epoch: int, training: dict) -> None:
+def save_checkpoint(model, path, epoch: int, params: dict) -> None:
     """Write a checkpoint: what :func:`save` writes plus the training state ``fit(resume_from=path)`` continues from.
 
-    ``training``: what ``fit`` keeps while it runs: ``history`` (a History), ``callbacks`` (the callback objects,
-    whose ``state_dict()`` is saved), ``fit`` (JSON-able training configuration). ``epoch``: epochs completed.
+    ``params``: the run's ``Callback.params``: ``history`` (a History), ``callbacks`` (the callback objects, whose
+    ``state_dict()`` is saved; snapshot values as tensors), ``fit`` (JSON-able training configuration).
+    ``epoch``: epochs completed.
     """
     tensors, meta = _model_parts(model, include_optimizer=True)
     states = {}
-    for key, callback in _keyed(training["callbacks"]):
+    for key, callback in _keyed(params["callbacks"]):
         state = dict(callback.state_dict())
-        for field in [k for k, v in state.items() if hasattr(v, "shape")]:
-            tensors[f"{_CALLBACK}{key}.{field}"] = np.ascontiguousarray(to_numpy(state.pop(field)), model.dtype)
+        for field in [k for k, v in state.items() if isinstance(v, Snapshot)]:
+            snap = state.pop(field)
+            tensors[f"{_CALLBACK}{key}.{field}.values"] = _host(snap.values, model.dtype)
+            tensors[f"{_CALLBACK}{key}.{field}.state"] = _host(snap.state, model.dtype)
         if state:
             states[key] = state
-    history = training["history"]
+    history = params["history"]
+    random = model.random_state()
     meta["checkpoint"] = json.dumps({
-        "epoch": int(epoch), "step": int(model.optimizer.iterations), "rng": model._rng.bit_generator.state,
-        "random": model._random.get_state(), "history": {"epoch": list(history.epoch), "history": history.history},
-        "fit": training["fit"], "callbacks": states,
+        "epoch": int(epoch), "step": int(model.optimizer.iterations), "rng": random["rng"],
+        "random": random["dropout"], "history": {"epoch": list(history.epoch), "history": history.history},
+        "fit": params["fit"], "callbacks": states,
     })
     _write_atomic(path, tensors, meta)
 
 
+def _host(a, dtype=None):
+    host = np.ascontiguousarray(to_numpy(a))
+    return host if dtype is None else host.astype(dtype, copy=False)
+
+
 def _model_parts(model, include_optimizer):
-    model._require_built("save()")
-    params = model.parameters()
-    tensors = {name: np.ascontiguousarray(to_numpy(value)) for name, value in params.items()}
+    buffer = model.parameter_buffer
+    tensors = {name: _host(v) for name, v in buffer.parameters().items()}
+    tensors.update({name: _host(v) for name, v in buffer.states().items()})
     meta = {"format": FORMAT, "version": VERSION, "config": json.dumps(model.get_config())}
     optimizer = model.optimizer
     if include_optimizer and optimizer is not None and (optimizer.state or optimizer.iterations):
         state = optimizer.state_dict()
-        tensors.update({_OPT + k: np.ascontiguousarray(to_numpy(v)) for k, v in state["slots"].items()})
+        tensors.update({_OPT + k: _host(v) for k, v in state["slots"].items()})
         meta["optimizer"] = json.dumps({"iterations": int(state["iterations"])})
     return tensors, meta
 
@@ -245,35 +255,34 @@ def _require(file, ok, why):
         file.fail(why)
 
 
-def _architecture(file: _File, device):
-    """An unbuilt, compiled (when the file says so) model from the file's config, and its parameter shapes."""
-    from .model import Model
-
+def _architecture(file: _File, factory):
+    """An unbuilt, compiled (when the file says so) model made by ``factory(config)`` from the file's config, and
+    the shapes of its parameters and state."""
     config = file.json("config")
     _require(file, isinstance(config, dict) and {"layers", "input_dim", "dtype"} <= set(config),
              "its config must be an object with layers, input_dim and dtype")
     layers, input_dim, dtype = config["layers"], config["input_dim"], config["dtype"]
     _require(file, isinstance(layers, list) and layers, "its config must list at least one layer")
     _require(file, _is_int(input_dim) and input_dim > 0, f"its config input_dim must be a positive integer, got {input_dim!r:.50}")
-    _require(file, dtype in _CODES, f"its config dtype must be float32 or float64, got {dtype!r:.50}")
+    _require(file, isinstance(dtype, str) and dtype in _CODES,
+             f"its config dtype must be float32 or float64, got {dtype!r:.50}")
     with _invalid(file, "model config"):
         for layer in layers:
             if not (isinstance(layer, dict) and isinstance(layer.get("name"), str)):
                 raise ValueError(f"each layer must be an object with a string name, got {layer!r:.100}")
-        model = Model([_layers.get(layer) for layer in layers], device=device, dtype=dtype)
-        if config.get("loss") is not None:
-            model.compile(config["loss"], config.get("optimizer") or "adam", config.get("metrics") or [])
-        shapes = _param_shapes(model.layers, input_dim)
+        model = factory(config)
+        shapes = _shapes(model.layers, input_dim)
     return model, config, shapes
 
 
-def _param_shapes(layers, input_dim) -> dict:
-    """``{"dense_0.kernel": (in, units), ...}`` in buffer order, computed without allocating anything."""
-    shapes, dim = {}, input_dim
+def _shapes(layers, input_dim) -> tuple:
+    """``({"dense_0.kernel": (in, units), ...}, {state name: shape})`` in buffer order, allocating nothing."""
+    params, states, dim = {}, {}, input_dim
     for layer in layers:
-        shapes.update({f"{layer.name}.{k}": tuple(s) for k, s in layer.param_shapes(dim).items()})
+        params.update({f"{layer.name}.{k}": tuple(s) for k, s in layer.param_shapes(dim).items()})
+        states.update({f"{layer.name}.{k}": tuple(s) for k, s in layer.state_shapes(dim).items()})
         dim = layer.output_dim(dim)
-    return shapes
+    return params, states
 
 
 def _optimizer_slots(file: _File, optimizer, n_params: int) -> dict:
@@ -282,13 +291,22 @@ def _optimizer_slots(file: _File, optimizer, n_params: int) -> dict:
     if state is None:
         return {}
     _require(file, optimizer is not None, "it has optimizer state but no optimizer in its config")
-    _require(file, isinstance(state, dict) and _is_int(state.get("iterations")) and state["iterations"] >= 0,
+    _require(file, isinstance(state, dict) and _is_int(state.get("iterations")) and 0 <= state["iterations"] < 2**63,
              f"its optimizer state must hold a non-negative integer iterations, got {state!r:.100}")
     return {_OPT + slot: (n_params,) for slot in optimizer.slots}
 
 
 def _flat(arrays, shapes) -> np.ndarray:
     return np.concatenate([arrays[name].reshape(-1) for name in shapes]) if shapes else np.zeros(0)
+
+
+def _assign(model, arrays, shapes) -> None:
+    """Write the file's parameters and state into the built model's buffer."""
+    buffer, dev = model.parameter_buffer, model.device
+    params, states = shapes
+    buffer.values[...] = dev.from_host(_flat(arrays, params), model.dtype)
+    if states:
+        buffer.state[...] = dev.from_host(_flat(arrays, states), model.dtype)
 
 
 def _restore_optimizer(model, file, arrays):
@@ -299,18 +317,21 @@ def _restore_optimizer(model, file, arrays):
                              "slots": {s: dev.from_host(arrays[_OPT + s], model.dtype) for s in opt.slots}})
 
 
-def load(path, device="cpu", backend=None):
-    """Rebuild a model saved by :func:`save` (or a checkpoint) on ``device`` / ``backend`` (as ``Model`` takes them),
-    compiled with its saved loss, optimizer (and its state, when saved) and metrics.
+def _count(shapes) -> int:
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def load(path, factory):
+    """Rebuild a model saved by :func:`save` (or a checkpoint): ``factory(config)`` makes the unbuilt model from the
+    file's ``get_config()`` data (``portanet.load`` passes ``Model.from_config`` on the chosen device); it is
+    built, and its weights, state and optimizer state are set from the file.
 
     Raises :class:`ModelFileError` for anything wrong with the file, ``OSError`` when it cannot be opened.
     """
-    dev = resolve_device(device, backend)  # the caller's mistakes are not the file's
     file = _File(path)
     file.check_portanet()
-    model, config, shapes = _architecture(file, dev)
-    n = sum(math.prod(s) for s in shapes.values())
-    expected = {**shapes, **_optimizer_slots(file, model.optimizer, n)}
+    model, config, shapes = _architecture(file, factory)
+    expected = {**shapes[0], **shapes[1], **_optimizer_slots(file, model.optimizer, _count(shapes[0]))}
     checkpoint = file.json("checkpoint", required=False)
     if checkpoint is not None:
         expected.update({k: v[1] for k, v in file.entries.items() if k.startswith(_CALLBACK)})
@@ -318,31 +339,37 @@ def load(path, device="cpu", backend=None):
     arrays = file.arrays()
     with _invalid(file, "model config"):
         model.build(config["input_dim"])
-    model._flat[...] = dev.from_host(_flat(arrays, shapes), model.dtype)
+    _assign(model, arrays, shapes)
     _restore_optimizer(model, file, arrays)
     return model
 
 
 def load_weights(model, path) -> None:
-    """Copy the weights in ``path`` into ``model``: any portanet file (model, weights, checkpoint), or a safetensors
-    file whose tensors are named like ``model.parameters()``. Names and shapes are checked before anything changes;
-    float32 / float64 are cast to the model's dtype. An unbuilt model is built for the file's input width."""
+    """Copy the weights (and state) in ``path`` into ``model``: any portanet file (model, weights, checkpoint), or a
+    safetensors file whose tensors are named like ``model.parameters()``. Names and shapes are checked before
+    anything changes; float32 / float64 are cast to the model's dtype. An unbuilt model is built for the file's
+    input width."""
     file = _File(path)
     config = file.json("config", required=False) if file.meta.get("format") == FORMAT else None
     if model.built:
-        shapes = {name: tuple(v.shape) for name, v in model.parameters().items()}
+        width = model.input_dim
     else:
         width = config.get("input_dim") if isinstance(config, dict) else None
-        if not (_is_int(width) and width > 0):
+        if config is not None and not (_is_int(width) and width > 0):
+            file.fail(f"its config input_dim must be a positive integer, got {width!r:.50}")
+        if width is None:
             raise RuntimeError("load_weights() on an unbuilt model needs the input width: call model.build(input_dim) "
                                f"first ({file.path} does not record it)")
-        with _invalid(file, "layer list"):
-            shapes = _param_shapes(model.layers, width)
-    file.check_tensors(shapes, None, exact=False)
+    with _invalid(file, "layer list"):
+        model.check_input_dim(width)
+        shapes = _shapes(model.layers, width)
+    params, states = shapes
+    present_states = {k: v for k, v in states.items() if k in file.entries}
+    file.check_tensors({**params, **present_states}, None, exact=False)
     arrays = file.arrays()
     if not model.built:
         model.build(width)
-    model._flat[...] = model.device.from_host(_flat(arrays, shapes), model.dtype)
+    _assign(model, arrays, (params, present_states) if len(present_states) == len(states) else (params, {}))
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------------
@@ -350,47 +377,54 @@ class Checkpoint:
     """A checkpoint read and validated against a model; :meth:`restore` applies it (it cannot fail by then).
 
     ``epoch``: epochs completed; ``step``: optimizer steps taken; ``history``: ``{"epoch": [...], "history": {...}}``;
-    ``fit``: the training configuration saved with it; ``callbacks``: ``{key: state}`` for callbacks' ``load_state_dict``.
+    ``fit``: the training configuration saved with it; ``callbacks``: ``{key: state}`` for callbacks'
+    ``load_state_dict`` (weights snapshots as host arrays until :meth:`load_callback_states`).
     """
 
     def __init__(self, file, state, optimizer, arrays, shapes):
         self._file, self._optimizer, self._arrays, self._shapes = file, optimizer, arrays, shapes
         self.path = file.path
         self.epoch, self.step, self.history, self.fit = state["epoch"], state["step"], state["history"], state["fit"]
-        self._rng, self._random = state["rng"], state["random"]
+        self._random = {"rng": state["rng"], "dropout": state["random"]}
         self.callbacks = {key: dict(value) for key, value in state["callbacks"].items()}
+        self._snapshots = {}
         for name, a in arrays.items():
             if name.startswith(_CALLBACK):
-                key, field = name[len(_CALLBACK):].rsplit(".", 1)
-                self.callbacks.setdefault(key, {})[field] = a
+                key, field, part = name[len(_CALLBACK):].rsplit(".", 2)
+                self._snapshots.setdefault((key, field), {})[part] = a
 
-    def load_callback_states(self, callbacks) -> None:
-        """Give each callback its saved state, matched by class name and position among callbacks of its class."""
+    def load_callback_states(self, callbacks, model) -> None:
+        """Give each callback its saved state, matched by class name and position among callbacks of its class;
+        weights snapshots are sent to ``model``'s device first."""
+        dev = model.device
+        for (key, field), parts in self._snapshots.items():
+            snap = Snapshot(dev.from_host(parts["values"], model.dtype), dev.from_host(parts["state"], model.dtype))
+            self.callbacks.setdefault(key, {})[field] = snap
         for key, callback in _keyed(callbacks):
             if key in self.callbacks:
                 with _invalid(self._file, f"state of callback {key}"):
                     callback.load_state_dict(self.callbacks[key])
 
     def restore(self, model) -> None:
-        """Weights, optimizer (type, hyperparameters, state), host RNG and dropout generator state, into ``model``."""
-        model._flat[...] = model.device.from_host(_flat(self._arrays, self._shapes), model.dtype)
-        model.optimizer = self._optimizer
+        """Weights, state, optimizer (type, hyperparameters, state), host RNG and dropout generator state, into
+        ``model`` (built)."""
+        _assign(model, self._arrays, self._shapes)
+        model.compile(model.loss, self._optimizer, model.metrics)
         _restore_optimizer(model, self._file, self._arrays)
-        model._rng.bit_generator.state = self._rng
-        if self._random is not None:
-            model._random.set_state(self._random)
+        model.set_random_state(self._random)
 
 
-def read_checkpoint(path, model) -> Checkpoint:
-    """Read and validate the checkpoint at ``path`` for ``model`` (built and compiled; same layers, input width and
-    dtype) without changing anything. Raises :class:`ModelFileError`."""
+def read_checkpoint(path, model, input_dim: int) -> Checkpoint:
+    """Read and validate the checkpoint at ``path`` for ``model`` (compiled; built or to be built for inputs of
+    width ``input_dim``; same layers, input width and dtype) without changing anything. Raises
+    :class:`ModelFileError`."""
     file = _File(path)
     file.check_portanet()
     config = file.json("config")
     state = file.json("checkpoint", required=False)
     _require(file, state is not None, "it is a model file, not a checkpoint: checkpoints are written by "
                                       "ModelCheckpoint during fit(); portanet.load(path) reads model files")
-    mine = model.get_config()
+    mine = {**model.get_config(), "input_dim": input_dim}
     _require(file, isinstance(config, dict), "its config must be a JSON object")
     for key in ("layers", "input_dim", "dtype"):
         if config.get(key) != mine[key]:
@@ -399,13 +433,20 @@ def read_checkpoint(path, model) -> Checkpoint:
     with _invalid(file, "optimizer config"):
         optimizer = _optimizers.get(config.get("optimizer"))
     _check_state(file, state, model)
-    shapes = _param_shapes(model.layers, model.input_dim)
-    expected = {**shapes, **_optimizer_slots(file, optimizer, model.count_params())}
+    shapes = _shapes(model.layers, input_dim)
+    n, m = _count(shapes[0]), _count(shapes[1])
+    expected = {**shapes[0], **shapes[1], **_optimizer_slots(file, optimizer, n)}
     for name, (dtype, shape) in file.entries.items():
         if name.startswith(_CALLBACK):
-            _require(file, name.count(".") >= 3, f"callback tensor {name!r} must be named callback.<class>.<n>.<field>")
-            expected[name] = shape
+            parts = name[len(_CALLBACK):].split(".")
+            _require(file, len(parts) == 4 and parts[3] in ("values", "state"),
+                     f"callback tensor {name!r:.100} must be named callback.<class>.<n>.<field>.values or .state")
+            expected[name] = (n,) if parts[3] == "values" else (m,)
     file.check_tensors(expected, model.dtype)
+    pairs = {n_[: n_.rindex(".")] for n_ in expected if n_.startswith(_CALLBACK)}
+    for pair in pairs:
+        _require(file, f"{pair}.values" in expected and f"{pair}.state" in expected,
+                 f"callback snapshot {pair!r:.100} needs both its .values and .state tensors")
     return Checkpoint(file, state, optimizer, file.arrays(), shapes)
 
 
@@ -413,11 +454,12 @@ def _check_state(file, state, model):
     _require(file, isinstance(state, dict) and {"epoch", "step", "rng", "random", "history", "fit", "callbacks"}
              <= set(state), "its checkpoint entry must hold epoch, step, rng, random, history, fit and callbacks")
     for key in ("epoch", "step"):
-        _require(file, _is_int(state[key]) and state[key] >= 0, f"checkpoint {key} must be a non-negative integer")
+        _require(file, _is_int(state[key]) and 0 <= state[key] < 2**63,
+                 f"checkpoint {key} must be a non-negative integer")
     with _invalid(file, "random generator state"):
-        np.random.Generator(type(model._rng.bit_generator)()).bit_generator.state = state["rng"]
+        np.random.Generator(type(model.rng.bit_generator)()).bit_generator.state = state["rng"]
         if state["random"] is not None:
-            np.random.default_rng().bit_generator.state = state["random"]
+            model.device.random_source(0).set_state(state["random"])
     history = state["history"]
     _require(file, isinstance(history, dict) and isinstance(history.get("epoch"), list)
              and all(_is_int(e) for e in history["epoch"]) and isinstance(history.get("history"), dict),

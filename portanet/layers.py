@@ -1,6 +1,8 @@
-"""Layers: Dense, Dropout, Activation. ``forward(x)`` caches what ``backward(grad_out)`` needs.
+"""Layers: Dense, Dropout, Activation. ``forward_with_cache(x)`` returns what ``backward(grad_out, cache)`` needs.
 
-Parameters are views into the model's flat buffer, bound by the model; math goes through ``xp`` only.
+Parameters are views into the model's flat buffer (:mod:`portanet.params`), bound by the model; math goes through
+``xp`` only. A layer keeps no per-call state: caches travel with the training step, so inference in one thread
+never disturbs a training step in another.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import copy
 import math
 
 from . import activations
+from ._owner import Owned
 from ._registry import resolve
 
 __all__ = ["Layer", "Dense", "Dropout", "Activation", "INITIALIZERS", "get"]
@@ -47,10 +50,12 @@ INITIALIZERS = {
 _DEFAULT_INIT = {"he": "he_normal", "glorot": "glorot_uniform"}
 
 
-class Layer:
-    """Base class. A layer maps (batch, in) to (batch, out) and may own parameters.
+class Layer(Owned):
+    """Base class. A layer maps (batch, in) to (batch, out) and may own parameters and non-trainable state.
 
-    ``param_shapes(in_dim)`` names its parameters; the model allocates them and calls ``bind``.
+    ``param_shapes(in_dim)`` / ``state_shapes(in_dim)`` name them; the model allocates them in its
+    :class:`~portanet.params.ParameterBuffer` and calls ``bind``. Subclasses implement ``forward_with_cache`` and
+    ``backward``.
     """
 
     kind = "layer"
@@ -59,9 +64,10 @@ class Layer:
         self.name = name
         self.params: dict = {}
         self.grads: dict = {}
+        self.state: dict = {}
         self.input_dim: int | None = None
         self._xp = None
-        self._fast = None
+        self._kernels = None
 
     def output_dim(self, in_dim: int) -> int:
         return in_dim
@@ -69,28 +75,40 @@ class Layer:
     def param_shapes(self, in_dim: int) -> dict:
         return {}
 
-    def init_params(self, rng, in_dim: int) -> dict:
-        """Initial values as host arrays drawn from the host generator ``rng``."""
+    def state_shapes(self, in_dim: int) -> dict:
         return {}
 
-    def bind(self, xp, params: dict, grads: dict, random_source=None, fast=None) -> None:
-        """Attach parameter and gradient views; ``fast`` is the device's in-place kernels (``Device.fast``) or None."""
-        self._xp, self.params, self.grads, self._fast = xp, params, grads, fast
+    def init_params(self, rng, in_dim: int) -> dict:
+        """Initial parameter values as host arrays drawn from the host generator ``rng``."""
+        return {}
+
+    def init_state(self, in_dim: int) -> dict:
+        """Initial non-trainable state as host arrays (or lists)."""
+        return {}
+
+    def bind(self, xp, params: dict, grads: dict, state: dict | None = None, random_source=None, kernels=None) -> None:
+        """Attach parameter, gradient and state views; ``kernels``: the device's in-place kernels or None."""
+        self._xp, self.params, self.grads, self.state, self._kernels = xp, params, grads, state or {}, kernels
 
     def forward(self, x, training: bool = False):
+        """x: (batch, in) -> (batch, out). Inference (``training=False``) changes nothing."""
+        return self.forward_with_cache(x, training)[0]
+
+    def forward_with_cache(self, x, training: bool = False):
+        """``(output, cache)``: the output and what :meth:`backward` needs."""
         raise NotImplementedError
 
-    def backward(self, grad_out, need_input_grad: bool = True):
+    def backward(self, grad_out, cache, need_input_grad: bool = True):
+        """dL/d(output) (batch, out) -> dL/d(input) (batch, in), or None when ``need_input_grad`` is False; writes
+        parameter gradients into the bound gradient views."""
         raise NotImplementedError
-
-    def clear_cache(self) -> None:
-        """Drop the activations kept for backward (to free memory or before moving devices)."""
 
     def unbound_copy(self) -> "Layer":
-        """The same layer (custom activations included) without parameters, ready to bind to another model."""
+        """The same layer (custom activations included) without parameters or owner, ready for another model."""
         twin = copy.copy(self)
-        twin.params, twin.grads, twin._xp, twin._fast = {}, {}, None, None
-        twin.clear_cache()
+        twin.params, twin.grads, twin.state = {}, {}, {}
+        twin.bind(None, {}, {}, {}, None, None)
+        twin.detach()
         return twin
 
     def get_config(self) -> dict:
@@ -123,7 +141,6 @@ class Dense(Layer):
         self.use_bias = bool(use_bias)
         self.kernel_initializer = kernel_initializer
         self.input_dim = input_dim
-        self._cache = None
 
     def output_dim(self, in_dim):
         return self.units
@@ -141,50 +158,45 @@ class Dense(Layer):
             values["bias"] = [0.0] * self.units
         return values
 
-    def forward(self, x, training=False):
-        """x: (batch, in) -> (batch, units)."""
-        z = self._affine(x)
-        a = None if self._fast is None else self._fast.activate_(self.activation, z)  # over z, which is ours
-        if a is None:
-            a = self.activation.forward(z, self._xp)
-        self._cache = (x, z if self.activation.needs_input else None, a)
-        return a
+    def forward_with_cache(self, x, training=False):
+        """x: (batch, in) -> a (batch, units); the cache holds x, z (when the activation's derivative needs it), a."""
+        z = self.logits(x)
+        a = self.activate(z)  # may overwrite z, which is ours
+        return a, (x, z if self.activation.needs_input else None, a)
 
-    def forward_logits(self, x):
-        """x: (batch, in) -> pre-activation (batch, units), cached for a fused backward."""
-        z = self._affine(x)
-        self._cache = (x, z, None)
-        return z
-
-    def _affine(self, x):
+    def logits(self, x):
+        """x: (batch, in) -> pre-activation z = x @ kernel + bias (batch, units), a new array."""
         z = x @ self.params["kernel"]
         if self.use_bias:
             z += self.params["bias"]
         return z
 
-    def backward(self, grad_out, need_input_grad=True, fused=False):
-        """grad_out: dL/da (or dL/dz when ``fused``) of shape (batch, units) -> dL/dx (batch, in).
+    def activate(self, z):
+        """The activation of z (batch, units), through the backend's in-place kernel when it has one (z is then
+        overwritten). The one place a Dense output is computed: predict, evaluate and the training step share it."""
+        kernels, name = self._kernels, self.activation.kernel
+        a = None if kernels is None or name is None else kernels.activate_(name, z)
+        return self.activation.forward(z, self._xp) if a is None else a
 
-        Writes dL/dkernel and dL/dbias into the bound gradient views.
-        """
-        xp, fast = self._xp, self._fast
-        x, z, a = self._cache
+    def backward(self, grad_out, cache, need_input_grad=True, fused=False):
+        """grad_out: dL/da (or dL/dz when ``fused``: the loss already differentiated through the activation), of
+        shape (batch, units) -> dL/dx (batch, in). Writes dL/dkernel and dL/dbias into the bound gradient views."""
+        xp, kernels = self._xp, self._kernels
+        x, z, a = cache
         if fused:
             gz = grad_out
         else:
-            gz = None if fast is None else fast.activation_grad(self.activation, grad_out, a)
+            name = self.activation.kernel
+            gz = None if kernels is None or name is None else kernels.activation_grad(name, grad_out, a)
             if gz is None:
                 gz = self.activation.backward(grad_out, z, a, xp)
-        if fast is not None:
-            fast.dense_grads(x, gz, self.grads["kernel"], self.grads.get("bias"))
+        if kernels is not None:
+            kernels.dense_grads(x, gz, self.grads["kernel"], self.grads.get("bias"))
         else:
             self.grads["kernel"][...] = x.T @ gz
             if self.use_bias:
                 self.grads["bias"][...] = xp.sum(gz, axis=0)
         return gz @ self.params["kernel"].T if need_input_grad else None
-
-    def clear_cache(self):
-        self._cache = None
 
     def get_config(self):
         return {"kind": self.kind, "name": self.name, "units": self.units, "activation": self.activation.get_config(),
@@ -198,29 +210,24 @@ class Dropout(Layer):
 
     def __init__(self, rate: float, name: str | None = None):
         super().__init__(name)
-        if not (isinstance(rate, (int, float)) and 0 <= rate < 1):
+        if isinstance(rate, bool) or not (isinstance(rate, (int, float)) and 0 <= rate < 1):
             raise ValueError(f"dropout rate must be in [0, 1), got {rate!r}")
         self.rate = float(rate)
         self._random = None
-        self._mask = None
 
-    def bind(self, xp, params, grads, random_source=None, fast=None):
-        super().bind(xp, params, grads, fast=fast)
+    def bind(self, xp, params, grads, state=None, random_source=None, kernels=None):
+        super().bind(xp, params, grads, state, kernels=kernels)
         self._random = random_source
 
-    def forward(self, x, training=False):
+    def forward_with_cache(self, x, training=False):
         if not training or self.rate == 0:
-            self._mask = None
-            return x
+            return x, None
         u = self._random.uniform(x.shape, x.dtype)
-        self._mask = self._xp.astype(u >= self.rate, x.dtype) * (1.0 / (1.0 - self.rate))
-        return x * self._mask
+        mask = self._xp.astype(u >= self.rate, x.dtype) * (1.0 / (1.0 - self.rate))
+        return x * mask, mask
 
-    def backward(self, grad_out, need_input_grad=True):
-        return grad_out if self._mask is None else grad_out * self._mask
-
-    def clear_cache(self):
-        self._mask = None
+    def backward(self, grad_out, cache, need_input_grad=True):
+        return grad_out if cache is None else grad_out * cache
 
     def get_config(self):
         return {"kind": self.kind, "name": self.name, "rate": self.rate}
@@ -234,19 +241,14 @@ class Activation(Layer):
     def __init__(self, activation, name: str | None = None):
         super().__init__(name)
         self.activation = activations.get(activation)
-        self._cache = None
 
-    def forward(self, x, training=False):
+    def forward_with_cache(self, x, training=False):
         a = self.activation.forward(x, self._xp)
-        self._cache = (x if self.activation.needs_input else None, a)
-        return a
+        return a, (x if self.activation.needs_input else None, a)
 
-    def backward(self, grad_out, need_input_grad=True):
-        z, a = self._cache
+    def backward(self, grad_out, cache, need_input_grad=True):
+        z, a = cache
         return self.activation.backward(grad_out, z, a, self._xp)
-
-    def clear_cache(self):
-        self._cache = None
 
     def get_config(self):
         return {"kind": self.kind, "name": self.name, "activation": self.activation.get_config()}

@@ -20,8 +20,11 @@ class Loss:
     """Base class.
 
     ``per_sample(pred, y, xp) -> (l, g)``: ``l`` of shape (batch,), ``g = dl/dpred`` of shape (batch, out).
-    A loss that can absorb an output activation names it in ``fuses`` and implements ``per_sample_logits``.
-    ``sparse`` losses take integer labels; the others take float targets shaped like the output.
+    A loss that can absorb an output activation names it in ``fuses`` and implements
+    ``per_sample_logits(z, y, xp, probs=None, kernels=None) -> (l, g)`` with ``g = dl/dz``: the value from the
+    logits ``z`` (log-sum-exp, stable), the gradient from ``probs`` = activation(z) when the caller has it (the
+    output predict returns), else computed here. ``sparse`` losses take integer labels; the others take float
+    targets shaped like the output.
     """
 
     name = "custom"
@@ -34,7 +37,7 @@ class Loss:
     def per_sample(self, pred, y, xp):
         raise NotImplementedError
 
-    def per_sample_logits(self, z, y, xp):
+    def per_sample_logits(self, z, y, xp, probs=None, kernels=None):
         raise NotImplementedError(f"{self.name} cannot take logits")
 
     def get_config(self) -> dict:
@@ -63,6 +66,15 @@ class Loss:
 
     def target_kind(self) -> str:
         return "int" if self.sparse else "float"
+
+    def classes(self, n_outputs: int) -> int | None:
+        """Number of classes this loss sees in a model with ``n_outputs`` outputs (2 for binary cross-entropy with
+        one output), or None for a regression loss."""
+        return None
+
+    def class_labels(self, y, n_outputs: int, xp):
+        """Integer class labels (batch,) of targets ``y`` (namespace ``xp``) for a classification loss."""
+        raise ValueError(f"{self.name} is not a classification loss")
 
 
 def _check_labels(y, n_classes, xp, name, values=True):
@@ -150,12 +162,18 @@ class BinaryCrossentropy(Loss):
         e = -(y * xp.log(pc) + (1.0 - y) * xp.log(1.0 - pc))
         return _mean_over_outputs(e, xp), _unclipped(p, (pc - y) / (pc * (1.0 - pc)) / p.shape[1], 1.0 - _EPS, xp)
 
-    def per_sample_logits(self, z, y, xp):
+    def per_sample_logits(self, z, y, xp, probs=None, kernels=None):
         y = _as_column(y, xp)
         ez = xp.exp(-xp.abs(z))
         e = xp.maximum(z, 0.0) - z * y + xp.log1p(ez)
-        p = xp.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez))
+        p = xp.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez)) if probs is None else probs
         return _mean_over_outputs(e, xp), (p - y) / z.shape[1]
+
+    def classes(self, n_outputs):
+        return 2 if n_outputs == 1 else None
+
+    def class_labels(self, y, n_outputs, xp):
+        return xp.astype(xp.reshape(y, (-1,)) > 0.5, xp.int64)
 
 
 def _log_softmax(z, xp):
@@ -173,10 +191,16 @@ class CategoricalCrossentropy(Loss):
         pc = xp.clip(p, _EPS, 1.0)
         return -xp.sum(y * xp.log(pc), axis=1), _unclipped(p, -y / pc, 1.0, xp)
 
-    def per_sample_logits(self, z, y, xp):
+    def per_sample_logits(self, z, y, xp, probs=None, kernels=None):
         logp = _log_softmax(z, xp)
-        p = xp.exp(logp)
+        p = xp.exp(logp) if probs is None else probs
         return -xp.sum(y * logp, axis=1), p * xp.sum(y, axis=1, keepdims=True) - y
+
+    def classes(self, n_outputs):
+        return n_outputs
+
+    def class_labels(self, y, n_outputs, xp):
+        return xp.argmax(y, axis=1)
 
 
 class SparseCategoricalCrossentropy(Loss):
@@ -197,10 +221,19 @@ class SparseCategoricalCrossentropy(Loss):
         onehot = self._one_hot(y, p.shape[1], p.dtype, xp)
         return -xp.log(xp.clip(picked, _EPS, 1.0)), _unclipped(p, -onehot / xp.clip(p, _EPS, 1.0), 1.0, xp)
 
-    def per_sample_logits(self, z, y, xp):
+    def per_sample_logits(self, z, y, xp, probs=None, kernels=None):
+        if kernels is not None and probs is not None:
+            return kernels.sparse_softmax_crossentropy(z, probs, y)
         logp = _log_softmax(z, xp)
         picked = xp.take_along_axis(logp, xp.reshape(y, (-1, 1)), axis=1)[:, 0]
-        return -picked, xp.exp(logp) - self._one_hot(y, z.shape[1], z.dtype, xp)
+        p = xp.exp(logp) if probs is None else probs
+        return -picked, p - self._one_hot(y, z.shape[1], z.dtype, xp)
+
+    def classes(self, n_outputs):
+        return n_outputs
+
+    def class_labels(self, y, n_outputs, xp):
+        return xp.astype(xp.reshape(y, (-1,)), xp.int64)
 
 
 LOSSES = {cls.name: cls for cls in (

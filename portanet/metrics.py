@@ -1,9 +1,13 @@
 """Metrics computed on the device: each returns the batch *sum* as a 0-d array, averaged once per epoch.
 
-Math only, through ``xp``. ``logits=True`` means ``pred`` is pre-activation (softmax/sigmoid not applied).
+Math only, through ``xp``. ``pred`` is always exactly what ``Model.predict`` returns for the batch (the activated
+output), never internal logits. Metrics are unweighted (as Keras's ``metrics=``): sample and class weights change
+the loss only.
 """
 
 from __future__ import annotations
+
+import array_api_compat
 
 from ._registry import resolve
 
@@ -18,16 +22,20 @@ def _labels(y, n_outputs, xp):
     return xp.astype(xp.reshape(y, (-1,)), xp.int64)
 
 
+def _device(a):
+    return array_api_compat.device(a)
+
+
 def _column(y, xp):
     return xp.reshape(y, (-1, 1)) if y.ndim == 1 else y
 
 
 class Metric:
-    """Base class: ``batch_sum(pred, y, xp, logits) -> 0-d array``; the epoch value is the sum over samples / n."""
+    """Base class: ``batch_sum(pred, y, xp) -> 0-d array``; the epoch value is the sum over samples / n."""
 
     name = "metric"
 
-    def batch_sum(self, pred, y, xp, logits=False):
+    def batch_sum(self, pred, y, xp):
         raise NotImplementedError
 
     def get_config(self):
@@ -35,17 +43,22 @@ class Metric:
 
 
 class BinaryAccuracy(Metric):
-    """Fraction of outputs on the right side of 0.5 (of 0 for logits), averaged over outputs."""
+    """Fraction of outputs on the right side of ``threshold`` (prediction > threshold vs target > 0.5), averaged
+    over outputs (Keras's rule)."""
 
     name = "binary_accuracy"
 
     def __init__(self, threshold: float = 0.5):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
+            raise ValueError(f"binary_accuracy threshold must be a number, got {threshold!r}")
         self.threshold = float(threshold)
 
-    def batch_sum(self, pred, y, xp, logits=False):
-        cut = 0.0 if logits else self.threshold
-        hit = (pred > cut) == (_column(y, xp) > 0.5)
+    def batch_sum(self, pred, y, xp):
+        hit = (pred > self.threshold) == (_column(y, xp) > 0.5)
         return xp.sum(xp.mean(xp.astype(hit, pred.dtype), axis=1))
+
+    def get_config(self):
+        return {"name": self.name, "threshold": self.threshold}
 
 
 class Accuracy(Metric):
@@ -53,15 +66,16 @@ class Accuracy(Metric):
 
     name = "accuracy"
 
-    def batch_sum(self, pred, y, xp, logits=False):
+    def batch_sum(self, pred, y, xp):
         if pred.shape[1] == 1:
-            return BinaryAccuracy().batch_sum(pred, y, xp, logits)
+            return BinaryAccuracy().batch_sum(pred, y, xp)
         hit = xp.argmax(pred, axis=1) == _labels(y, pred.shape[1], xp)
         return xp.sum(xp.astype(hit, pred.dtype))
 
 
 class TopKAccuracy(Metric):
-    """True class among the ``k`` highest outputs."""
+    """True class among the ``k`` highest outputs. Ties are ranked as a stable sort by descending score would rank
+    them (the lower class index first), so ``k=1`` agrees with ``accuracy``'s argmax exactly."""
 
     name = "top_k_accuracy"
 
@@ -70,10 +84,12 @@ class TopKAccuracy(Metric):
             raise ValueError(f"top_k_accuracy k must be a positive integer, got {k!r}")
         self.k = k
 
-    def batch_sum(self, pred, y, xp, logits=False):
+    def batch_sum(self, pred, y, xp):
         labels = xp.reshape(_labels(y, pred.shape[1], xp), (-1, 1))
         true_score = xp.take_along_axis(pred, labels, axis=1)
-        rank = xp.sum(xp.astype(pred > true_score, xp.int64), axis=1)  # classes strictly above the true one
+        index = xp.arange(pred.shape[1], dtype=labels.dtype, device=_device(labels))
+        ahead = (pred > true_score) | ((pred == true_score) & (index < labels))  # ranked before the true class
+        rank = xp.sum(xp.astype(ahead, xp.int64), axis=1)
         return xp.sum(xp.astype(rank < self.k, pred.dtype))
 
     def get_config(self):
@@ -83,7 +99,7 @@ class TopKAccuracy(Metric):
 class MeanSquaredError(Metric):
     name = "mse"
 
-    def batch_sum(self, pred, y, xp, logits=False):
+    def batch_sum(self, pred, y, xp):
         r = pred - _column(y, xp)
         return xp.sum(xp.mean(r * r, axis=1))
 
@@ -91,7 +107,7 @@ class MeanSquaredError(Metric):
 class MeanAbsoluteError(Metric):
     name = "mae"
 
-    def batch_sum(self, pred, y, xp, logits=False):
+    def batch_sum(self, pred, y, xp):
         return xp.sum(xp.mean(xp.abs(pred - _column(y, xp)), axis=1))
 
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 import math
 
 import array_api_compat
+
+from ._owner import Owned
 from ._registry import resolve
+from .backends import to_numpy
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "get", "OPTIMIZERS"]
 
 
-class Optimizer:
+class Optimizer(Owned):
     """Base class. ``step(params, grads)`` updates the flat ``params`` in place from the flat ``grads``.
 
     ``lr`` may be changed between steps (schedulers do). ``state_dict()`` / ``load_state_dict()`` export and
-    restore the step count and the slot arrays (for checkpoints).
+    restore the step count and the slot arrays (for checkpoints). An optimizer object serves one model only.
     """
 
     name = "optimizer"
@@ -56,9 +59,17 @@ class Optimizer:
         self.state = {name: state["slots"][name] for name in self.slots}
 
     def to(self, device) -> "Optimizer":
-        """Move the slot arrays to ``device`` (a :class:`portanet._backend.Device`)."""
-        self.state = {k: device.asarray(v) for k, v in self.state.items()}
+        """Move the slot arrays to ``device`` (a :class:`portanet.Device`); the moved arrays never alias the old."""
+        with device.scope():
+            self.state = {k: device.copy(device.asarray(v)) for k, v in self.state.items()}
         return self
+
+    def __getstate__(self):
+        """Slot arrays as host (NumPy) copies, so an optimizer pickles from any device; ``to()`` puts them back."""
+        state = super().__getstate__()
+        state["state"] = {k: to_numpy(v).copy() for k, v in self.state.items()}
+        state.pop("_scratch", None)
+        return state
 
     def get_config(self) -> dict:
         return {"name": self.name, "lr": self.lr, "weight_decay": self.weight_decay}
@@ -132,6 +143,10 @@ class Adam(Optimizer):
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
         self._scratch = None  # the fast kernels' work array, kept between steps
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._scratch = None
 
     def _decay(self, params, grads):
         return grads + self.weight_decay * params if self.weight_decay else grads

@@ -37,7 +37,7 @@ class Weights(pn.Callback):
         self.seen = []
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seen.append(to_numpy(self.model._flat).copy())
+        self.seen.append(to_numpy(self.model.parameter_buffer.values).copy())
 
 
 # -- History ------------------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_restore_best_weights_restores_them_whether_or_not_training_stopped_earl
     model = _model(device)
     history = model.fit(X, Y, epochs=5, verbose=0, callbacks=[Scripted("score", [3, 1, 2, 4, 5]), weights, stop])
     assert len(history.epoch) == (4 if stops_early else 5) and (stop.stopped_epoch is None) != stops_early
-    assert_close(model._flat, weights.seen[1], device=device, rtol=0, atol=0)
+    assert_close(model.parameter_buffer.values, weights.seen[1], device=device, rtol=0, atol=0)
     assert not np.array_equal(weights.seen[-1], weights.seen[1])
 
 
@@ -219,4 +219,4 @@ def test_terminate_on_nan_stops_quietly_with_finite_weights(device):
     with pytest.warns(RuntimeWarning, match=r"the loss became .* at epoch 1, step 5 of 6"):
         history = model.fit(X, y, epochs=3, batch_size=10, shuffle=False, verbose=0, callbacks=[pn.TerminateOnNaN()])
     assert history.epoch == []
-    assert np.isfinite(to_numpy(model._flat)).all()
+    assert np.isfinite(to_numpy(model.parameter_buffer.values)).all()

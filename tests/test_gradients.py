@@ -73,7 +73,7 @@ def test_unfused_crossentropy_gradients_match_central_differences(device, loss):
     x, y = _data(loss, 3)
     model = pn.Model([pn.Dense(4, "elu"), pn.Dense(3), pn.Activation(OUTPUT_FOR[loss])], device=device,
                      dtype="float64", seed=2).compile(loss)
-    assert model._fusion() == "plain"
+    assert model._fusion == "plain"
     assert max(pn.check_gradients(model, x, y).values()) < 1e-6
 
 

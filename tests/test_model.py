@@ -44,14 +44,19 @@ def test_parameters_optimizer_state_and_activations_stay_on_the_model_device(dev
     seen = []
 
     class Recording(pn.Dense):
-        def forward(self, x, training=False):
-            out = super().forward(x, training)
+        def forward_with_cache(self, x, training=False):
+            out, cache = super().forward_with_cache(x, training)
             seen.append(device.owns(x) and device.owns(out))
-            return out
+            return out, cache
 
-        def backward(self, grad_out, need_input_grad=True, fused=False):
+        def logits(self, x):
+            z = super().logits(x)
+            seen.append(device.owns(x) and device.owns(z))
+            return z
+
+        def backward(self, grad_out, cache, need_input_grad=True, fused=False):
             seen.append(device.owns(grad_out))
-            return super().backward(grad_out, need_input_grad, fused)
+            return super().backward(grad_out, cache, need_input_grad, fused)
 
     model = pn.Model([Recording(4, "relu"), pn.Dropout(0.5), Recording(3, "softmax")], device=device, seed=0)
     model.compile("sparse_categorical_crossentropy", "adam", ["accuracy"])

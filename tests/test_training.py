@@ -23,7 +23,7 @@ def _classifier(device="cpu", lr=0.01, seed=0):
 
 
 def _host(model):
-    return to_numpy(model._flat).copy()
+    return to_numpy(model.parameter_buffer.values).copy()
 
 
 class Loader:
@@ -108,7 +108,7 @@ def test_class_weight_trains_exactly_like_the_matching_sample_weight(device):
     a, b = _classifier(device, lr=0.1), _classifier(device, lr=0.1)
     a.fit(X, SORTED, epochs=2, batch_size=16, class_weight={1: 3.0}, verbose=0)
     b.fit(X, SORTED, epochs=2, batch_size=16, sample_weight=np.where(SORTED == 1, 3.0, 1.0), verbose=0)
-    assert_close(a._flat, _host(b), device=device, rtol=0, atol=0)
+    assert_close(a.parameter_buffer.values, _host(b), device=device, rtol=0, atol=0)
 
 
 def test_class_weight_multiplies_sample_weight():
@@ -162,7 +162,7 @@ def test_inf_in_a_streamed_batch_stops_training_and_puts_the_weights_back(device
     before = _host(model)
     with pytest.raises(StreamError, match=r"batch 4 of x in epoch 1 holds NaN or inf"):
         model.fit(batches, epochs=2, verbose=0)
-    assert_close(model._flat, before, device=device, rtol=0, atol=0)
+    assert_close(model.parameter_buffer.values, before, device=device, rtol=0, atol=0)
     assert model.optimizer.iterations == 0
 
 
@@ -194,9 +194,9 @@ def test_a_non_finite_loss_raises_naming_epoch_and_step_and_keeps_finite_weights
         reference = _regression("cpu")
         reference.fit(X[:60], y[:60], epochs=1, batch_size=10, shuffle=False, verbose=0)
         reference.fit(X[:60], y[:60], epochs=1, batch_size=10, shuffle=False, verbose=0)
-        assert_close(model._flat, _host(reference), device=device, rtol=1e-6, atol=1e-7)
+        assert_close(model.parameter_buffer.values, _host(reference), device=device, rtol=1e-6, atol=1e-7)
     else:  # no per-step read on a device: the weights from the last read (the start of this fit)
-        assert_close(model._flat, after_epoch_1[0], device=device, rtol=0, atol=0)
+        assert_close(model.parameter_buffer.values, after_epoch_1[0], device=device, rtol=0, atol=0)
         assert model.optimizer.iterations == after_epoch_1[1]
 
 
@@ -216,7 +216,7 @@ def test_a_non_finite_loss_is_caught_at_the_next_log_read_on_a_device(device):
                   callbacks=[Record()])
     assert len(weights) == 2
     if not device.host_memory:
-        assert_close(model._flat, weights[-1], device=device, rtol=0, atol=0)
+        assert_close(model.parameter_buffer.values, weights[-1], device=device, rtol=0, atol=0)
 
 
 @overflow
@@ -228,7 +228,7 @@ def test_an_update_that_overflows_the_weights_is_undone_from_the_last_snapshot(d
                                                  r"weights from the start of training"):
         model.fit(X, X[:, :1] * 1e3, epochs=2, batch_size=10, shuffle=False, verbose=0)  # step 1's loss is finite,
     #                                                                   its update lr * gradient is not
-    assert_close(model._flat, before, device=device, rtol=0, atol=0)
+    assert_close(model.parameter_buffer.values, before, device=device, rtol=0, atol=0)
     assert model.optimizer.iterations == 0
 
 

@@ -1,0 +1,471 @@
+"""The fit and evaluate loops: data adapters in, device batches to the model's step, loss and metric totals kept on
+the device, the NaN guard, resume, class weights, validation split, callback dispatch.
+
+Works through the model's documented interface (``compute_gradients``, ``apply_gradients``, ``test_step``,
+``snapshot``/``restore``, ``build``, ``check_input_dim``, ``check_targets``, ``random_state``) and never imports
+:mod:`portanet.model`. Every argument is checked before the model changes or a random number is drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import signal
+import threading
+import warnings
+import weakref
+
+import array_api_compat
+
+from . import data as _data
+from . import io as _io
+from .backends import to_numpy
+from .callbacks import CallbackList, History, check_callbacks
+
+__all__ = ["fit", "evaluate"]
+
+_running = weakref.WeakSet()  # models inside fit(): a second concurrent fit on one model is refused
+_running_lock = threading.Lock()
+
+
+def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_data=None, validation_split=0.0,
+        sample_weight=None, class_weight=None, callbacks=None, verbose=1, steps_per_epoch=None, log_every=None,
+        resume_from=None) -> History:
+    """Train ``model`` for ``epochs`` passes over (x, y); returns a :class:`~portanet.History` of per-epoch logs.
+
+    x: (samples, features); y: (samples, outputs), or (samples,) labels/targets; arrays of any library and
+    device, memory maps, sliceables (h5py, zarr), or x alone as an iterable of (x, y[, sample_weight])
+    batches with ``steps_per_epoch`` batches per epoch (required when it has no length). Data is streamed to
+    the device one batch at a time. ``verbose``: 0 silent, 1 a progress bar per epoch with the running loss and
+    metrics (read about 20 times per epoch), 2 one line per epoch.
+    ``log_every``: also read the running loss and metrics back every that many steps (callbacks' ``on_log``).
+    ``validation_split``: fraction of the rows of in-memory (x, y) held out for validation, drawn at random and
+    stratified by class for classification losses. ``validation_data``: (x_val, y_val[, sample_weight]).
+    ``sample_weight``: (samples,) weight of each row's loss. ``class_weight``: ``{class: weight}`` multiplying
+    the loss of each sample of that class (classification losses; absent classes weigh 1).
+    ``resume_from``: a checkpoint written by :class:`~portanet.callbacks.ModelCheckpoint`; weights, optimizer,
+    random generator states, history and callback state are restored and training continues up to ``epochs``.
+
+    Every argument is checked first (ValueError/TypeError naming it), before the model is built or changes.
+    NaN or inf in in-memory inputs raise ValueError before training; lazily read batches (streams, memory maps)
+    holding NaN or inf, or failing to read, raise :class:`~portanet.data.StreamError` and the model is put back as
+    it was before the call. A NaN or inf loss stops training with FloatingPointError naming the epoch and step;
+    the model keeps its last finite weights (``callbacks=[TerminateOnNaN()]`` stops without raising). Ctrl-C
+    (KeyboardInterrupt) ends training after the current step: completed steps are kept, with a consistent optimizer.
+    """
+    # -- check everything; nothing changes and nothing is drawn until the model is built below
+    _require_compiled(model, "fit()")
+    epochs = _non_negative_int(epochs, "epochs")
+    batch_size = _data.positive_int(batch_size, "batch_size")
+    _check_verbose(verbose)
+    if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0):
+        raise ValueError(f"log_every must be a positive integer or None, got {log_every!r}")
+    user_callbacks = check_callbacks(callbacks)
+    train = _data.adapt(x, y, sample_weight, steps=steps_per_epoch, targets=True)
+    _check_model_fits(model, train)
+    fraction = _data.check_fraction(validation_split, train)
+    val = None
+    if validation_data is not None:
+        if fraction:
+            raise ValueError("pass validation_data or validation_split to fit(), not both")
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+            raise ValueError("validation_data must be a tuple (x_val, y_val) or (x_val, y_val, sample_weight)")
+        val = _data.adapt(*validation_data, targets=True, prefix="validation")
+        _check_model_fits(model, val, train.width)
+    out_dim = model.output_width(train.width)
+    class_table = _class_weights(class_weight, model.loss, out_dim)
+    for source in (train, val):
+        bad = source.nonfinite() if isinstance(source, _data.ArrayAdapter) else None
+        if bad:
+            raise ValueError(f"{bad[0]} holds NaN or inf (the first in row {bad[1]}); training on it would turn the "
+                             "weights into NaN: clean or impute the data first")
+    _check_monitors(model, user_callbacks, validation=val is not None or bool(fraction))
+    checkpoint = None if resume_from is None else _io.read_checkpoint(resume_from, model, train.width)
+    with _running_lock:
+        if model in _running:
+            raise RuntimeError("fit() is already running on this model (in another thread); one fit at a time")
+        _running.add(model)
+    try:
+        # -- from here on the model changes
+        model.build(train.width)
+        return _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table, user_callbacks, verbose,
+                      log_every, checkpoint)
+    finally:
+        _running.discard(model)
+
+
+def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table, user_callbacks, verbose, log_every,
+           checkpoint):
+    split_seed = None
+    if fraction:
+        split_seed = checkpoint.fit.get("split_seed") if checkpoint else int(model.rng.integers(2**63))
+        train, val = _split_validation(model, train, fraction, split_seed)
+    batches = _batches(model, train, batch_size, shuffle)
+    if class_table is not None:
+        class_table = model.device.from_host(class_table, model.dtype)
+    config = {"epochs": epochs, "batch_size": batch_size, "shuffle": bool(shuffle), "validation_split": fraction,
+              "split_seed": split_seed}
+    if checkpoint is not None:
+        _warn_if_changed(checkpoint, config)
+    history = History()
+    params = {"epochs": epochs, "steps": len(batches), "verbose": verbose, "fit": config, "history": history}
+    cbs = CallbackList([history, *user_callbacks], model, params)
+    every = log_every or (max(1, len(batches) // 20) if verbose == 1 else None)
+    rollback = model.snapshot(training=True) if train.reads_lazily or (val is not None and val.reads_lazily) else None
+    model.stop_training = False
+    model.history = history
+    cbs.on_train_begin()
+    if checkpoint is not None:
+        checkpoint.load_callback_states(cbs.callbacks, model)
+        checkpoint.restore(model)
+        history.epoch, history.history = checkpoint.history["epoch"], checkpoint.history["history"]
+        if checkpoint.epoch >= epochs:
+            warnings.warn(f"{checkpoint.path} has already trained {checkpoint.epoch} epochs and fit() was asked for "
+                          f"{epochs} in all: nothing left to train (raise epochs to continue)", UserWarning,
+                          stacklevel=4)
+    guard = _Guard(model, check_batches=train.reads_lazily)
+    try:
+        with _deferred_interrupts() as interrupted:
+            for epoch in range(checkpoint.epoch if checkpoint else 0, epochs):
+                cbs.on_epoch_begin(epoch)
+                try:
+                    logs = _run_epoch(model, batches, cbs, epoch, guard, every, class_table, interrupted)
+                except _NonFinite as bad:
+                    _stop_on_nonfinite(model, bad, guard, cbs, len(batches))
+                    break
+                if val is not None:
+                    val_logs = _evaluate(model, val, max(batch_size, 1024))
+                    logs.update({f"val_{k}": v for k, v in val_logs.items()})
+                cbs.on_epoch_end(epoch, logs)
+                cbs.on_epoch_complete(epoch, logs)
+                if model.stop_training:
+                    break
+    except _data.StreamError:
+        if rollback is not None:
+            model.restore(rollback)
+        cbs.on_train_end()
+        raise
+    cbs.on_train_end()
+    return history
+
+
+def evaluate(model, x, y=None, *, batch_size=1024, sample_weight=None, steps=None) -> dict:
+    """Mean loss and metrics over (x, y) as ``{"loss": float, "accuracy": float, ...}``; nothing changes.
+
+    Takes what ``fit`` takes; ``steps``: batches to read from an iterable of batches without a length. Metrics are
+    computed on exactly what ``predict`` returns; lazily read batches holding NaN or inf raise StreamError.
+    """
+    _require_compiled(model, "evaluate()")
+    _data.positive_int(batch_size, "batch_size")
+    source = _data.adapt(x, y, sample_weight, steps=steps, targets=True)
+    _check_model_fits(model, source)
+    model.build(source.width)
+    return _evaluate(model, source, batch_size)
+
+
+# -- checks (no side effects) -------------------------------------------------------------------------------------
+def _require_compiled(model, what):
+    if model.loss is None:
+        raise RuntimeError(f"{what} needs a compiled model: call compile(loss=..., optimizer=...) first")
+
+
+def _non_negative_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_verbose(verbose):
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+
+
+def _check_model_fits(model, source, width=None):
+    """Input width and targets of ``source`` against the model (unbuilt models: against their layers)."""
+    prefix = f"{source.prefix} " if getattr(source, "prefix", "") else ""
+    if width is not None and source.width != width:
+        raise ValueError(f"{prefix}x has {source.width} features but x has {width}")
+    model.check_input_dim(source.width, f"{prefix}x")
+    targets = source.first_targets()
+    values = isinstance(source, _data.ArrayAdapter) or _host(targets)
+    model.check_targets(targets, source.width, f"{prefix}y", values=values)
+
+
+def _host(a) -> bool:
+    return type(a).__module__.split(".")[0] == "numpy"
+
+
+def _class_weights(class_weight, loss, out_dim):
+    """``class_weight`` checked: a host list of per-class weights, or None."""
+    if class_weight is None:
+        return None
+    if not isinstance(class_weight, dict):
+        raise TypeError(f"class_weight must be a dict {{class: weight}}, got {type(class_weight).__name__}")
+    n = loss.classes(out_dim)
+    if n is None:
+        raise ValueError("class_weight needs a classification loss (sparse_categorical_crossentropy, "
+                         f"categorical_crossentropy, or binary_crossentropy with one output), got {loss.name}")
+    table = [1.0] * n
+    for label, weight in class_weight.items():
+        if isinstance(label, bool) or not hasattr(label, "__index__") or not 0 <= label < n:
+            raise ValueError(f"class_weight keys must be class indices in [0, {n}), got {label!r}")
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
+            raise ValueError(f"class_weight[{label}] must be a finite number >= 0, got {weight!r}")
+        table[int(label)] = float(weight)
+    return table
+
+
+def _check_monitors(model, callbacks, validation):
+    """Every log key a built-in callback reads will exist (before training: a typo fails now, not after an
+    epoch). With a callback of the user's own in the list, which may add keys to the logs, nothing is assumed."""
+    if any(type(cb).__module__ != CallbackList.__module__ for cb in callbacks):
+        return
+    keys = ["loss", *(m.name for m in model.metrics)]
+    keys += [f"val_{k}" for k in keys if validation]
+    for cb in callbacks:
+        cb.check_logs(keys)
+
+
+def _warn_if_changed(checkpoint, config):
+    for key in ("batch_size", "shuffle", "validation_split"):
+        if key in checkpoint.fit and checkpoint.fit[key] != config[key]:
+            warnings.warn(f"resuming from {checkpoint.path} with {key}={config[key]!r}, but it was trained with "
+                          f"{checkpoint.fit[key]!r}: training will not continue exactly as an uninterrupted run would",
+                          stacklevel=5)
+
+
+# -- the loops --------------------------------------------------------------------------------------------------
+def _batches(model, source, batch_size, shuffle=False):
+    return _data.Batches(source, batch_size=batch_size, shuffle=shuffle, rng=model.rng, device=model.device,
+                         dtype=model.dtype, y_dtype=model.loss.target_kind(),
+                         check_targets=lambda y, name="y", values=True: model.check_targets(y, None, name, values))
+
+
+def _split_validation(model, source, fraction, seed):
+    """Hold out ``fraction`` of the rows (stratified by class for classification) as validation data."""
+    labels, y = None, source.y
+    n_classes = model.loss.classes(model.output_dim)
+    if n_classes is not None:
+        labels = to_numpy(model.loss.class_labels(y, model.output_dim, array_api_compat.array_namespace(y)))
+    train_rows, val_rows = _data.split_rows(source.n, fraction, labels, seed)
+    val = source.take(val_rows)
+    val.prefix = "validation"
+    return source.take(train_rows), val
+
+
+def _run_epoch(model, batches, cbs, epoch, guard, log_every, class_table, interrupted) -> dict:
+    """One pass; loss and metric sums stay on the device, read at the end (and every ``log_every`` steps)."""
+    totals = _Totals(model, guard)
+    xp, table = model.xp, class_table
+    for step, (xb, yb, wb) in enumerate(batches):
+        if table is not None:
+            w = xp.take(table, model.loss.class_labels(yb, model.output_dim, xp), axis=0)
+            wb = w if wb is None else wb * w
+        guard.check_batch(xb, yb, wb, epoch, step)
+        loss, out = model.compute_gradients(xb, yb, wb)
+        guard.check_loss(loss, epoch, step)
+        model.apply_gradients()
+        totals.add(loss, out, yb)
+        cbs.on_batch_end(step, loss)
+        if interrupted():
+            raise KeyboardInterrupt
+        if log_every and (step + 1) % log_every == 0:
+            cbs.on_log(step, totals.logs())
+            guard.passed(epoch, step + 1)
+    logs = totals.logs()
+    guard.passed(epoch + 1, 0)
+    return logs
+
+
+def _evaluate(model, source, batch_size) -> dict:
+    totals = _Totals(model, _Guard(model, check_batches=source.reads_lazily, training=False))
+    for step, (xb, yb, wb) in enumerate(_batches(model, source, batch_size)):
+        totals.guard.check_batch(xb, yb, wb, 0, step)
+        loss, out = model.test_step(xb, yb, wb)
+        totals.add(loss, out, yb)
+    return totals.logs()
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    """While training, a first Ctrl-C (SIGINT) is held until the current step is complete; yields a function that
+    says whether one arrived. A second Ctrl-C interrupts at once. Only in the main thread, and only when Python's
+    default handler is installed."""
+    pending = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+
+    def hold(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(pending)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# -- totals and the NaN guard -------------------------------------------------------------------------------------
+class _Totals:
+    """Sums of the batch losses (times batch size) and metric sums, kept on the device until :meth:`logs` reads them
+    once, together with the guard's flags."""
+
+    def __init__(self, model, guard):
+        self.xp, self.metrics, self.guard = model.xp, model.metrics, guard
+        self.loss, self.sums, self.n = None, [None] * len(model.metrics), 0
+
+    def add(self, loss, out, y):
+        nb = out.shape[0]
+        self.loss = loss * nb if self.loss is None else self.loss + loss * nb
+        for i, metric in enumerate(self.metrics):
+            s = metric.batch_sum(out, y, self.xp)
+            self.sums[i] = s if self.sums[i] is None else self.sums[i] + s
+        self.n += nb
+
+    def logs(self) -> dict:
+        """Means so far, read back from the device in one transfer (the guard's flags ride along)."""
+        xp, dtype = self.xp, self.loss.dtype
+        flags = self.guard.flags()
+        values = to_numpy(xp.stack([xp.astype(s, dtype) for s in (self.loss, *self.sums, *flags)]))
+        if flags:
+            self.guard.verify([float(v) for v in values[-len(flags):]])
+            values = values[:-len(flags)]
+        return {name: float(s) / self.n for name, s in zip(["loss", *(m.name for m in self.metrics)], values)}
+
+
+class _NonFinite(Exception):
+    """Raised inside fit's loop at the first NaN/inf loss or weights; ``value`` is None when only known on the
+    device."""
+
+    def __init__(self, epoch, step, value=None, weights=False):
+        super().__init__(epoch, step, value)
+        self.epoch, self.step, self.value, self.weights = epoch, step, value, weights
+
+
+class _Guard:
+    """Stops training at the first NaN/inf loss and never lets non-finite weights out of fit; checks lazily read
+    batches for NaN/inf (they raise StreamError, and fit puts the model back).
+
+    In host memory each step's loss (and batch) is read before its update, so a bad step never reaches the weights.
+    On other devices nothing is read per step: flags accumulate on the device and ride along with the periodic read
+    of the running loss (:class:`_Totals`), together with a check that the weights are finite. Each read that finds
+    everything finite takes a snapshot (on the host only at epoch ends, as a fallback for an update that
+    overflowed); a failure puts the last snapshot back. ``training=False`` (evaluation) checks batches only.
+    """
+
+    def __init__(self, model, check_batches, training=True):
+        self.model, self.check_batches, self.training = model, check_batches, training
+        self.host = model.device.host_memory
+        self.saved = None
+        self.passed(0, 0)
+
+    def passed(self, epoch, step):
+        """A read found everything finite up to ``step`` of ``epoch`` (0-based): snapshot and restart the flags."""
+        xp, dev = self.model.xp, self.model.device
+        if self.training and not (self.host and step):
+            self.saved = self.model.snapshot(training=True)
+            self.saved.label = "the start of training" if epoch == step == 0 else (
+                f"the end of epoch {epoch}" if step == 0 else f"step {step} of epoch {epoch + 1}")
+        self.epoch, self.since = epoch, step
+        if not self.host:
+            ok, steps = xp.logical_not(dev.zeros((), "bool")), dev.zeros((), "int64")
+            self.batch = {field: (ok, steps) for field in _FIELDS}
+            self.loss_ok, self.loss_steps = ok, steps
+
+    def check_batch(self, xb, yb, wb, epoch, step):
+        """Check (host memory) or track (device) that a lazily read batch is finite."""
+        if not self.check_batches:
+            return
+        xp = self.model.xp
+        for field, a in zip(_FIELDS, (xb, yb, wb)):
+            finite = _all_finite(xp, a)
+            if finite is None:
+                continue
+            if self.host:
+                if not bool(finite):
+                    raise _data.StreamError(_bad_batch(epoch, step, field))
+                continue
+            ok, steps = self.batch[field]  # leading finite steps since the last read, counted on the device
+            ok = xp.logical_and(ok, finite)
+            self.batch[field] = ok, steps + xp.astype(ok, xp.int64)
+
+    def check_loss(self, loss, epoch, step):
+        """Before the update of ``step``: raise at once on the host, track on the device."""
+        xp = self.model.xp
+        if self.host:
+            value = float(loss)
+            if not math.isfinite(value):
+                raise _NonFinite(epoch, step, value)
+            return
+        self.loss_ok = xp.logical_and(self.loss_ok, xp.isfinite(loss))
+        self.loss_steps = self.loss_steps + xp.astype(self.loss_ok, xp.int64)
+
+    def flags(self) -> tuple:
+        """Device values to read with the totals: batch and loss flags (devices), weights finite (training)."""
+        out = []
+        if not self.host:
+            out += [f for field in _FIELDS for f in self.batch[field]] if self.check_batches else []
+            out += [self.loss_ok, self.loss_steps] if self.training else []
+        if self.training:
+            out.append(self.model.parameter_buffer.all_finite())
+        return tuple(out)
+
+    def verify(self, values):
+        values = list(values)
+        if not self.host and self.check_batches:
+            found = [(int(values[2 * i + 1]), field) for i, field in enumerate(_FIELDS) if not values[2 * i]]
+            values = values[2 * len(_FIELDS):]
+            if found:
+                steps, field = min(found)
+                raise _data.StreamError(_bad_batch(self.epoch, self.since + steps, field))
+        if not self.host and self.training:
+            (ok, steps), values = values[:2], values[2:]
+            if not ok:
+                raise _NonFinite(self.epoch, self.since + int(steps))
+        if self.training and not values[0]:
+            raise _NonFinite(self.epoch, self.since, weights=True)
+
+    def recover(self) -> str:
+        """Make the weights finite again; say which weights the model now holds."""
+        model = self.model
+        if self.host and bool(model.parameter_buffer.all_finite()):
+            return "the weights from before that step"
+        model.restore(self.saved)
+        return f"the weights from {self.saved.label}"
+
+
+_FIELDS = ("x", "y", "sample_weight")
+
+
+def _all_finite(xp, a):
+    """0-d device bool: ``a`` holds no NaN or inf; None for None or a non-float array (nothing to check)."""
+    if a is None or not xp.isdtype(a.dtype, "real floating"):
+        return None
+    return xp.all(xp.isfinite(a))
+
+
+def _bad_batch(epoch, step, field) -> str:
+    return (f"batch {step} of {field} in epoch {epoch + 1} holds NaN or inf: clean or impute the data first (fit() "
+            "puts the model back as it was before the call)")
+
+
+def _stop_on_nonfinite(model, bad, guard, cbs, steps):
+    """Put the last finite weights back, then raise FloatingPointError unless a callback stops training."""
+    kept = guard.recover()
+    if bad.weights:
+        what = f"the weights became NaN or inf during epoch {bad.epoch + 1} (an update overflowed)"
+    else:
+        value = "NaN or inf" if bad.value is None else ("NaN" if math.isnan(bad.value) else str(bad.value))
+        what = f"the loss became {value} at epoch {bad.epoch + 1}, step {bad.step + 1} of {steps}"
+    message = (f"{what}; training stopped and the model keeps {kept}. Likely causes: a learning rate too high (try "
+               "one 10x lower), inputs that are not scaled (standardize each feature to mean 0 and std 1), NaN or inf "
+               "in y, or a loss or activation that overflows. callbacks=[TerminateOnNaN()] stops without raising.")
+    cbs.on_nonfinite_loss(bad.epoch, bad.step)
+    if not model.stop_training:
+        raise FloatingPointError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
