@@ -1,7 +1,7 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
 from . import (activations, callbacks, data, datasets, io, layers, losses, metrics, optimizers,
-               schedules)
+               regularizers, schedules)
 from ._backend import Device, resolve_device, to_numpy
 from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                         TerminateOnNaN)
@@ -28,5 +28,5 @@ __all__ = [
     "TerminateOnNaN", "load", "ModelFileError",
     "Device", "resolve_device", "to_numpy", "check_gradients",
     "activations", "callbacks", "data", "datasets", "io", "layers", "losses", "metrics", "optimizers",
-    "schedules",
+    "regularizers", "schedules",
 ]
