@@ -1,6 +1,6 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
-from . import (activations, callbacks, data, datasets, io, layers, losses, metrics, optimizers,
+from . import (activations, callbacks, data, datasets, initializers, io, layers, losses, metrics, optimizers,
                regularizers, schedules)
 from ._backend import Device, resolve_device, to_numpy
 from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
@@ -27,6 +27,6 @@ __all__ = [
     "Callback", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler", "ReduceLROnPlateau",
     "TerminateOnNaN", "load", "ModelFileError",
     "Device", "resolve_device", "to_numpy", "check_gradients",
-    "activations", "callbacks", "data", "datasets", "io", "layers", "losses", "metrics", "optimizers",
+    "activations", "callbacks", "data", "datasets", "initializers", "io", "layers", "losses", "metrics", "optimizers",
     "regularizers", "schedules",
 ]
