@@ -1,6 +1,7 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
-from . import activations, callbacks, data, datasets, io, layers, losses, metrics, optimizers
+from . import (activations, callbacks, data, datasets, initializers, io, layers, losses, metrics, optimizers,
+               regularizers, schedules)
 from .backends import Device, resolve_device, to_numpy
 from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                         TerminateOnNaN)
@@ -11,16 +12,21 @@ from .losses import (BinaryCrossentropy, CategoricalCrossentropy, Huber, MeanAbs
                      SparseCategoricalCrossentropy)
 from .model import Model, load
 from .optimizers import SGD, Adam, AdamW, RMSprop
+from .schedules import (CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay, LearningRateSchedule,
+                        OneCycle, PiecewiseConstantDecay, PolynomialDecay)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Model", "Dense", "Dropout", "Activation",
     "SGD", "Adam", "AdamW", "RMSprop",
+    "LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay", "PolynomialDecay", "InverseTimeDecay",
+    "CosineDecay", "CosineDecayRestarts", "OneCycle",
     "MeanSquaredError", "MeanAbsoluteError", "Huber", "BinaryCrossentropy", "CategoricalCrossentropy",
     "SparseCategoricalCrossentropy",
     "Callback", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler", "ReduceLROnPlateau",
     "TerminateOnNaN", "load", "ModelFileError",
     "Device", "resolve_device", "to_numpy", "check_gradients",
-    "activations", "callbacks", "data", "datasets", "io", "layers", "losses", "metrics", "optimizers",
+    "activations", "callbacks", "data", "datasets", "initializers", "io", "layers", "losses", "metrics", "optimizers",
+    "regularizers", "schedules",
 ]
