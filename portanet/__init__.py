@@ -1,10 +1,11 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
-from . import (activations, callbacks, data, datasets, initializers, io, layers, losses, metrics, optimizers,
+from . import (activations, callbacks, data, datasets, export, initializers, io, layers, losses, metrics, optimizers,
                regularizers, schedules)
 from .backends import Device, resolve_device, to_numpy
 from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                         TerminateOnNaN)
+from .export import export_onnx
 from .gradcheck import check_gradients
 from .io import ModelFileError
 from .layers import Activation, Dense, Dropout
@@ -25,8 +26,8 @@ __all__ = [
     "MeanSquaredError", "MeanAbsoluteError", "Huber", "BinaryCrossentropy", "CategoricalCrossentropy",
     "SparseCategoricalCrossentropy",
     "Callback", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler", "ReduceLROnPlateau",
-    "TerminateOnNaN", "load", "ModelFileError",
+    "TerminateOnNaN", "load", "ModelFileError", "export_onnx",
     "Device", "resolve_device", "to_numpy", "check_gradients",
-    "activations", "callbacks", "data", "datasets", "initializers", "io", "layers", "losses", "metrics", "optimizers",
-    "regularizers", "schedules",
+    "activations", "callbacks", "data", "datasets", "export", "initializers", "io", "layers", "losses", "metrics",
+    "optimizers", "regularizers", "schedules",
 ]

@@ -13,6 +13,7 @@ import math
 import warnings
 
 from . import data as _data
+from . import export as _export
 from . import io as _io
 from . import layers as _layers
 from . import losses as _losses
@@ -522,6 +523,13 @@ class Model:
         """Write the weights (no optimizer state) to one safetensors file; :meth:`load_weights` reads it back."""
         self._require_built("save_weights()")
         _io.save_weights(self, path)
+
+    def export_onnx(self, path, opset=None) -> str:
+        """Write the model to one ONNX file for serving without portanet (ONNX Runtime on a server, a phone, in a
+        browser); returns the path. Same as :func:`portanet.export_onnx`: input "input" (batch, input_dim) and
+        output "output" (batch, output_dim) in the model's dtype, any batch size, dropout off; ``opset`` from 13 to
+        28 (default 21). Needs ``pip install "portanet[onnx]"``."""
+        return _export.export_onnx(self, path, opset)
 
     @_on_device
     def load_weights(self, path) -> "Model":

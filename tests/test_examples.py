@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = ["xor.py", "sine.py", "mnist.py", "gradient_check.py"]
+SCRIPTS = ["xor.py", "sine.py", "mnist.py", "gradient_check.py", "export_onnx.py"]
 
 
 def _cli(device) -> list:
@@ -117,6 +117,36 @@ def test_mnist_example_says_where_to_put_the_files_when_offline(tmp_path):
     assert result.returncode != 0
     assert "MNIST files missing" in result.stderr and str(tmp_path) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _served_counts(out) -> tuple:
+    """(correct by portanet, correct by ONNX Runtime, test size) from export_onnx.py's report."""
+    ours = re.search(r"^portanet +test accuracy [\d.]+% \((\d+)/(\d+)\)$", out, re.M)
+    theirs = re.search(r"^ONNX Runtime test accuracy [\d.]+% \((\d+)/(\d+)\), served without portanet$", out, re.M)
+    assert ours and theirs, out
+    return int(ours.group(1)), int(theirs.group(1)), int(ours.group(2))
+
+
+def test_export_onnx_example_serves_the_same_accuracy_without_portanet(mnist_dir, tmp_path):
+    pytest.importorskip("onnx", reason='export needs the onnx extra: pip install "portanet[onnx]"')
+    pytest.importorskip("onnxruntime", reason='serving needs the onnx extra: pip install "portanet[onnx]"')
+    path = tmp_path / "mnist.onnx"
+    out = run_example("export_onnx.py", "--epochs", 1, "--limit", 2000, "--data-dir", mnist_dir, "--output", path,
+                      "--opset", 21)
+    ours, theirs, n = _served_counts(out)
+    assert n == 10000 and ours == theirs and ours > 6000
+    assert f"exported to {path}" in out and "opset 21" in out and path.exists()
+    assert "predicted classes that differ: 0" in out
+
+
+def test_export_onnx_example_runs_on_each_backend(device, mnist_dir):
+    pytest.importorskip("onnx", reason='export needs the onnx extra: pip install "portanet[onnx]"')
+    pytest.importorskip("onnxruntime", reason='serving needs the onnx extra: pip install "portanet[onnx]"')
+    out = run_example("export_onnx.py", "--epochs", 1, "--limit", 256, *_cli(device),
+                      env={"PORTANET_DATA": str(mnist_dir.parent)})
+    assert f"on {device.name} ({device.backend})" in out
+    ours, theirs, _ = _served_counts(out)
+    assert ours == theirs and ours > 2000
 
 
 def _kernel_manager(tmp_path):
