@@ -1,9 +1,10 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
-from . import activations, callbacks, data, datasets, io, layers, losses, metrics, optimizers
+from . import activations, callbacks, data, datasets, distributed, io, layers, losses, metrics, optimizers
 from ._backend import Device, resolve_device, to_numpy
 from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                         TerminateOnNaN)
+from .distributed import DistributedError
 from .gradcheck import check_gradients
 from .io import ModelFileError, load
 from .layers import Activation, Dense, Dropout
@@ -21,6 +22,6 @@ __all__ = [
     "SparseCategoricalCrossentropy",
     "Callback", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler", "ReduceLROnPlateau",
     "TerminateOnNaN", "load", "ModelFileError",
-    "Device", "resolve_device", "to_numpy", "check_gradients",
-    "activations", "callbacks", "data", "datasets", "io", "layers", "losses", "metrics", "optimizers",
+    "Device", "resolve_device", "to_numpy", "check_gradients", "DistributedError",
+    "activations", "callbacks", "data", "datasets", "distributed", "io", "layers", "losses", "metrics", "optimizers",
 ]
