@@ -11,8 +11,9 @@ Failure handling (MPI), in order of what catches it first:
 * A rank that dies (a signal, ``os._exit``) without finalising MPI: MPICH's ``mpiexec`` kills the others and
   exits with that rank's status (for a signal it prints ``BAD TERMINATION ... signal N``). A rank that exits
   with status 0 this way ends the job with status 0: MPICH reports nothing, so do not ``os._exit(0)`` mid-run.
-* Anything else (a rank stuck in a loop or I/O, one that finalised and left, one calling a different collective):
-  every collective here is nonblocking and polled against a deadline, so the waiting ranks raise
+* Anything else (a rank stuck in a loop or I/O, one that returned or called ``sys.exit`` and so finalised MPI, one
+  whose error was caught, one calling a different collective, an exception in a thread, which no excepthook
+  sees): every collective here is nonblocking and polled against a deadline, so the waiting ranks raise
   :class:`DistributedError` naming the operation after ``timeout`` seconds (default 300, environment
   variable ``PORTANET_DIST_TIMEOUT``); uncaught, that aborts the job as above. A communicator that timed out is
   broken: later calls raise at once, and the process aborts at exit instead of waiting in ``MPI_Finalize``.
