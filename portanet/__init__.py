@@ -1,10 +1,11 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
-from . import (activations, callbacks, data, datasets, export, initializers, io, layers, losses, metrics, optimizers,
-               regularizers, schedules)
+from . import (activations, callbacks, data, datasets, distributed, export, initializers, io, layers, losses, metrics,
+               optimizers, regularizers, schedules)
 from .backends import Device, resolve_device, to_numpy
 from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                         TerminateOnNaN)
+from .distributed import DistributedError
 from .export import export_onnx
 from .gradcheck import check_gradients
 from .io import ModelFileError
@@ -26,8 +27,8 @@ __all__ = [
     "MeanSquaredError", "MeanAbsoluteError", "Huber", "BinaryCrossentropy", "CategoricalCrossentropy",
     "SparseCategoricalCrossentropy",
     "Callback", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler", "ReduceLROnPlateau",
-    "TerminateOnNaN", "load", "ModelFileError", "export_onnx",
+    "TerminateOnNaN", "load", "ModelFileError", "export_onnx", "DistributedError",
     "Device", "resolve_device", "to_numpy", "check_gradients",
-    "activations", "callbacks", "data", "datasets", "export", "initializers", "io", "layers", "losses", "metrics",
-    "optimizers", "regularizers", "schedules",
+    "activations", "callbacks", "data", "datasets", "distributed", "export", "initializers", "io", "layers", "losses",
+    "metrics", "optimizers", "regularizers", "schedules",
 ]

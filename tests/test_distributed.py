@@ -1,0 +1,357 @@
+"""portanet.distributed: sharding math and the one-process communicator here; MPI behaviour in 2-process jobs.
+
+The MPI tests launch ``mpiexec -n 2 <python> tests/mpi_scripts/<script>.py`` (the mpiexec next to the interpreter,
+else the one on PATH) and are skipped with the reason when mpi4py or mpiexec is missing. Every launch has a
+subprocess timeout, so a job that hangs fails its test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import portanet as pn
+from portanet import distributed
+from portanet.distributed import (Communicator, LocalCommunicator, RankMismatchError, get_communicator, shard_batches,
+                                  shard_iterable, split_rows)
+from portanet.testing import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
+LAUNCH_TIMEOUT = 180  # seconds for one 2-process job, imports on a loaded 2-core machine included
+
+
+# -- split_rows / shard_batches -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 7, 8, 31])
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_split_rows_is_contiguous_covers_every_row_and_sizes_differ_by_at_most_one(n, size):
+    parts = [split_rows(n, rank, size) for rank in range(size)]
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(parts[r][1] == parts[r + 1][0] for r in range(size - 1))
+    lengths = [stop - start for start, stop in parts]
+    assert max(lengths) - min(lengths) <= 1
+    assert lengths == sorted(lengths, reverse=True)  # the longer parts go to the lower ranks
+    assert lengths == [len(a) for a in np.array_split(np.arange(n), size)]
+
+
+@pytest.mark.parametrize("n, batch_size, size", [(45, 8, 2), (40, 7, 2), (41, 8, 2), (50, 12, 3), (9, 4, 4), (3, 8, 2)])
+def test_shard_batches_split_each_single_process_batch_in_rank_order(n, batch_size, size):
+    order = np.random.default_rng([7, 3]).permutation(n)
+    single = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    per_rank = [shard_batches(n, batch_size, rank, size, seed=[7, 3]) for rank in range(size)]
+    assert all(len(shards) == len(single) for shards in per_rank)  # every rank runs every step
+    for step, batch in enumerate(single):
+        parts = [per_rank[rank][step] for rank in range(size)]
+        np.testing.assert_array_equal(np.concatenate([p.rows for p in parts]), batch)
+        assert all(p.global_rows == len(batch) for p in parts)
+        assert all(p.weight == len(p.rows) / len(batch) for p in parts)
+        assert sum(p.weight for p in parts) == pytest.approx(1.0, abs=1e-15)
+        assert all(p.rows.dtype == np.int64 for p in parts)
+
+
+def test_shard_batches_gives_a_rank_zero_rows_and_zero_weight_in_a_last_batch_shorter_than_the_ranks():
+    last = [shard_batches(41, 8, rank, 2, seed=0)[-1] for rank in range(2)]
+    assert [len(s.rows) for s in last] == [1, 0]
+    assert [s.weight for s in last] == [1.0, 0.0]
+    assert last[1].global_rows == 1
+
+
+def test_shard_batches_drop_last_drops_the_short_batch_on_every_rank():
+    shards = [shard_batches(41, 8, rank, 2, seed=0, drop_last=True) for rank in range(2)]
+    assert [len(s) for s in shards] == [5, 5]
+    assert all(s.global_rows == 8 and len(s.rows) == 4 for rank in shards for s in rank)
+
+
+def test_shard_batches_without_shuffle_or_with_an_order_follows_it():
+    plain = shard_batches(10, 4, 1, 2, shuffle=False)
+    assert [s.rows.tolist() for s in plain] == [[2, 3], [6, 7], [9]]
+    order = np.arange(10)[::-1]
+    given = shard_batches(10, 4, 0, 2, order=order)
+    assert [s.rows.tolist() for s in given] == [[9, 8], [5, 4], [1]]
+
+
+def test_shard_batches_reshuffles_per_seed_and_agrees_across_ranks_for_one_seed():
+    first = np.concatenate([s.rows for r in range(2) for s in shard_batches(100, 10, r, 2, seed=[1, 0])])
+    again = np.concatenate([s.rows for r in range(2) for s in shard_batches(100, 10, r, 2, seed=[1, 0])])
+    other = np.concatenate([s.rows for r in range(2) for s in shard_batches(100, 10, r, 2, seed=[1, 1])])
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert sorted(first.tolist()) == list(range(100))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=1), "at least the number of ranks 2, got 1"),
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(batch_size=4, seed=None), "needs a seed shared by all ranks"),
+    (dict(batch_size=4, order=np.arange(9)), r"order must be a permutation of range\(10\)"),
+    (dict(batch_size=4, order=np.linspace(0, 1, 10)), "order must be a permutation"),
+])
+def test_shard_batches_rejects_bad_arguments_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        shard_batches(10, rank=0, size=2, **kwargs)
+
+
+@pytest.mark.parametrize("rank, size", [(2, 2), (-1, 2), (0, 0), (True, 2)])
+def test_split_rows_rejects_a_rank_outside_the_group(rank, size):
+    with pytest.raises(ValueError, match="rank must be in|size must be a positive integer"):
+        split_rows(10, rank, size)
+
+
+def test_weighted_sum_of_rank_mean_gradients_is_the_global_mean_gradient_of_least_squares():
+    rng = np.random.default_rng(1)
+    x, y, w = rng.normal(size=(37, 3)), rng.normal(size=37), rng.normal(size=3)
+
+    def mean_grad(rows):  # d/dw of mean((x w - y)^2) / 2
+        return x[rows].T @ (x[rows] @ w - y[rows]) / len(rows)
+
+    for size in (1, 2, 3, 5):
+        shards = [shard_batches(37, 10, rank, size, seed=4) for rank in range(size)]
+        for step in range(len(shards[0])):
+            parts = [shards[rank][step] for rank in range(size)]
+            total = sum(p.weight * mean_grad(p.rows) for p in parts if len(p.rows))
+            rows = np.concatenate([p.rows for p in parts])
+            np.testing.assert_allclose(total, mean_grad(rows), rtol=1e-13, atol=1e-14)
+
+
+def test_weighted_sum_of_rank_model_gradients_is_the_global_batch_gradient(device):
+    """The model's own mean gradients (MSE, float64) on each rank's rows, weighted, sum to the global batch's."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(23, 4)), rng.normal(size=(23, 2))
+    model = pn.Model([pn.Dense(5, activation="tanh"), pn.Dense(2)], device=device, dtype="float64", seed=0)
+    model.compile(loss="mse", optimizer="sgd")
+    for step, parts in enumerate(zip(*[shard_batches(23, 8, rank, 3, seed=5) for rank in range(3)])):
+        rows = np.concatenate([p.rows for p in parts])
+        _, want = model.loss_and_grads(x[rows], y[rows])
+        got = {name: 0.0 for name in want}
+        for part in parts:
+            if len(part.rows):
+                _, grads = model.loss_and_grads(x[part.rows], y[part.rows])
+                got = {name: got[name] + grads[name] * part.weight for name in want}
+        for name in want:
+            assert_close(got[name], want[name], device=device, rtol=1e-12, atol=1e-14, err_msg=f"step {step} {name}")
+
+
+# -- shard_iterable -----------------------------------------------------------------------------------------------
+def test_shard_iterable_takes_every_size_th_batch_and_drops_an_incomplete_round():
+    batches = [np.full((2, 1), i) for i in range(7)]
+    taken = [[int(b[0, 0]) for b in shard_iterable(iter(batches), rank, 3)] for rank in range(3)]
+    assert taken == [[0, 3], [1, 4], [2, 5]]  # batch 6 would be a round of one: every rank skips it
+
+
+def test_shard_iterable_weights_are_rows_over_the_rounds_rows():
+    batches = [(np.zeros((4, 2)), np.zeros(4)), (np.zeros((4, 2)), np.zeros(4)),
+               (np.zeros((3, 2)), np.zeros(3)), (np.zeros((1, 2)), np.zeros(1))]
+    got = [[w for _, w in shard_iterable(batches, rank, 2, weights=True)] for rank in range(2)]
+    assert got == [[0.5, 0.75], [0.5, 0.25]]
+
+
+def test_shard_iterable_rejects_a_rank_outside_the_group_when_called():
+    with pytest.raises(ValueError, match=r"rank must be in 0..1, got 2"):
+        shard_iterable([], 2, 2)
+
+
+# -- the one-process communicator and the shared checks -------------------------------------------------------
+def test_local_communicator_is_a_group_of_one_whose_collectives_return_their_input(device):
+    comm = get_communicator(None)
+    assert isinstance(comm, LocalCommunicator) and (comm.rank, comm.size, comm.is_root) == (0, 1, True)
+    x = device.from_host(np.arange(4.0))
+    assert comm.allreduce_(x) is x and comm.broadcast_(x) is x
+    assert_close(x, np.arange(4.0), device=device)
+    values = np.array([1.0, 2.0])
+    reduced = comm.allreduce_host(values)
+    reduced += 1
+    np.testing.assert_array_equal(values, [1.0, 2.0])  # a new array: the caller's stays as it was
+    assert comm.allgather_object({"a": 1}) == [{"a": 1}]
+    assert comm.broadcast_object("seed") == "seed"
+    assert comm.agree((784, 10), "the input shape") == (784, 10)
+    comm.check_identical(x, "the parameters")
+    comm.check_identical(x, "the parameters", exact=True)
+    comm.barrier()
+    with pytest.raises(SystemExit):
+        comm.abort(3)
+
+
+def test_checksum_is_computed_on_the_arrays_device_and_matches_numpy(device):
+    host = np.random.default_rng(3).normal(size=(5, 7)).astype("float32")
+    got = LocalCommunicator().checksum(device.from_host(host))
+    flat = host.astype(np.float64).ravel()
+    want = [flat.sum(), np.abs(flat).sum(), (flat * flat).sum(), (flat * np.arange(35) / 35).sum()]
+    assert isinstance(got, np.ndarray) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+class _Group(Communicator):
+    """A stand-in group: allgather_object returns what each 'rank' would have passed."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def allgather_object(self, obj):
+        return list(self.values)
+
+
+def test_agree_names_every_rank_grouped_by_value():
+    with pytest.raises(RankMismatchError, match=r"ranks disagree about the input width: ranks 0, 2: 784; rank 1: 783"):
+        _Group([784, 783, 784]).agree(784, "the input width")
+    assert _Group([(3, "float32")] * 3).agree((3, "float32"), "the shape") == (3, "float32")
+
+
+def test_check_identical_tolerates_reduction_noise_but_not_divergence():
+    x = np.linspace(-1, 1, 1000)
+    comm = LocalCommunicator()
+    stats = comm.checksum(x)
+    noisy = stats * (1 + 1e-14)
+    _Group([stats, noisy]).check_identical(x, "the parameters")  # the statistics a rank would report
+    with pytest.raises(RankMismatchError, match=r"the parameters differ between ranks .*rank 0: .*; rank 1: "):
+        _Group([stats, comm.checksum(x + 1e-6)]).check_identical(x, "the parameters")
+    with pytest.raises(RankMismatchError, match="BLAKE2"):
+        _Group(["aaa", "bbb"]).check_identical(x, "the parameters", exact=True)
+
+
+def test_get_communicator_accepts_names_and_objects_and_rejects_the_rest():
+    comm = LocalCommunicator()
+    assert get_communicator(comm) is comm
+    assert isinstance(get_communicator("LOCAL"), LocalCommunicator)
+    with pytest.raises(ValueError, match=r"must be None, 'local', 'mpi', 'nccl' or a Communicator, got 'mpl'"):
+        get_communicator("mpl")
+    with pytest.raises(TypeError, match="options"):
+        get_communicator(comm, timeout=3)
+
+
+def test_timeout_comes_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert LocalCommunicator().timeout == distributed.DEFAULT_TIMEOUT
+    assert LocalCommunicator(timeout=7).timeout == 7.0
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "12.5")
+    assert LocalCommunicator().timeout == 12.5
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="PORTANET_DIST_TIMEOUT must be a number of seconds, got 'soon'"):
+        LocalCommunicator()
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got 0"):
+        LocalCommunicator(timeout=0)
+
+
+def test_allreduce_host_rejects_non_numbers_and_unknown_ops():
+    comm = LocalCommunicator()
+    with pytest.raises(TypeError, match="values must be host numbers"):
+        comm.allreduce_host(["a"])
+    with pytest.raises(ValueError, match="op must be 'sum', 'max' or 'min', got 'mean'"):
+        comm.allreduce_host([1.0], op="mean")
+
+
+def test_mpi_without_mpi4py_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError, match=r'pip install "portanet\[mpi\]"'):
+        get_communicator("mpi")
+
+
+def test_nccl_without_cupy_fails_before_starting_mpi(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # reaching MPI would raise the MPI hint instead
+    with pytest.raises(ImportError, match="distributed='nccl' needs CuPy with NCCL"):
+        get_communicator("nccl")
+
+
+def test_importing_portanet_does_not_start_mpi():
+    code = "import sys, portanet, portanet.distributed; assert 'mpi4py' not in sys.modules, 'mpi4py was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=_env())
+
+
+# -- 2-process jobs -------------------------------------------------------------------------------------------
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return env
+
+
+def _mpiexec() -> list:
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip('mpi4py is not installed (pip install "portanet[mpi]")')
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip('no mpiexec next to the interpreter or on PATH (pip install "portanet[mpi]" puts MPICH\'s there)')
+    version = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
+    if "Open MPI" in version.stdout + version.stderr:  # CI machines have 2 cores; Open MPI refuses more ranks
+        return [found, "--oversubscribe", "-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED"]
+    return [found]
+
+
+def _launch(script, *args, ranks=2):
+    cmd = _mpiexec() + ["-n", str(ranks), sys.executable, str(SCRIPTS / script), *map(str, args)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(), cwd=ROOT)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        pytest.fail(f"{script} {args} hung: no exit within {LAUNCH_TIMEOUT} s\n{out}")
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_mpi_allreduce_and_broadcast_in_place_on_every_cpu_backend():
+    rc, out = _launch("collectives.py")
+    assert rc == 0, out
+    names = ["numpy", "host"] + [name for name, lib in (("torch", "torch"), ("array_api_strict", "array_api_strict"),
+                                                       ("array_api_strict-device1", "array_api_strict"))
+                                 if importlib.util.find_spec(lib) is not None]
+    for name in names:
+        assert sorted(re.findall(rf"ok {re.escape(name)} rank (\d)", out)) == ["0", "1"], out
+
+
+def test_mpi_disagreements_raise_on_every_rank_naming_ranks_and_values():
+    rc, out = _launch("mismatch.py")
+    assert rc == 0, out
+    for label in ("input", "drift", "ulp-exact", "broadcast-shape"):
+        assert sorted(re.findall(rf"{label} rank (\d) caught RankMismatchError", out)) == ["0", "1"], out
+    for label in ("config", "same", "ulp"):  # "ulp": one last-place bit is below the default check, by design
+        assert sorted(re.findall(rf"{label} rank (\d) passed", out)) == ["0", "1"], out
+    assert "ranks disagree about the input shape: rank 0: (784, 10); rank 1: (785, 10)" in out
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("raise", [r"RuntimeError: rank 1 failed on purpose",
+               r"uncaught RuntimeError on rank 1 of 2; calling MPI_Abort"]),
+    ("raise-nohook", [r"RuntimeError: rank 1 failed on purpose",
+                      r"DistributedError: rank 0 of 2: allreduce_ of 1000 float64 values \(collective call \d+\) "
+                      r"did not complete within 2 s",
+                      r"rank 0 exits with a broken communicator .*calling MPI_Abort instead of MPI_Finalize"]),
+    ("caught", [r"rank 0 caught DistributedError: .*did not complete within 2 s",
+                r"rank 0 again: .*this communicator is broken"]),
+    ("hang", [r"DistributedError: rank 0 of 2: allreduce_ .*did not complete within 2 s",
+              r"uncaught DistributedError on rank 0 of 2; calling MPI_Abort"]),
+    ("exit", [r"rank 1 leaves with os._exit\(3\)"]),
+    ("sigkill", [r"BAD TERMINATION|signal 9|Killed"]),
+])
+def test_mpi_job_with_a_failing_rank_ends_with_a_clear_error_instead_of_hanging(mode, expected):
+    """The job must end (a hang fails the launch timeout) with a non-zero status and the error in its output.
+
+    In "raise", "exit" and "sigkill" the waiting rank's timeout is 600 s: only the abort can end the job in time.
+    """
+    rc, out = _launch("failure.py", mode)
+    assert rc != 0, out
+    assert "finished the all-reduce" not in out
+    for pattern in expected:
+        assert re.search(pattern, out), f"no {pattern!r} in:\n{out}"
+
+
+def test_two_ranks_with_global_batch_b_train_the_same_weights_as_one_process(tmp_path):
+    """Proof of concept on today's public API (loss_and_grads, set_parameters, Adam on flat arrays)."""
+    rc, out = _launch("equivalence.py", tmp_path / "two.npz")
+    assert rc == 0, out
+    cases = 3 * (1 + sum(importlib.util.find_spec(lib) is not None for lib in ("torch", "array_api_strict")))
+    assert len(re.findall(r"ranks=2: max \|distributed - single\| = ", out)) == cases, out
+    single = subprocess.run([sys.executable, str(SCRIPTS / "equivalence.py"), str(tmp_path / "one.npz")],
+                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(), cwd=ROOT)
+    assert single.returncode == 0, single.stdout + single.stderr
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert sorted(two.files) == sorted(one.files) and len(two.files) == cases
+    for key in two.files:
+        np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-12, err_msg=key)
+        assert np.max(np.abs(two[key])) > 0.1
