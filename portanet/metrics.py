@@ -26,20 +26,35 @@ def _device(a):
     return array_api_compat.device(a)
 
 
-def _column(y, xp):
-    return xp.reshape(y, (-1, 1)) if y.ndim == 1 else y
+def _column(y, xp, dtype):
+    """Targets as a (batch, k) array of the predictions' dtype (integer labels included)."""
+    y = xp.reshape(y, (-1, 1)) if y.ndim == 1 else y
+    return y if y.dtype == dtype else xp.astype(y, dtype)
 
 
 class Metric:
-    """Base class: ``batch_sum(pred, y, xp) -> 0-d array``; the epoch value is the sum over samples / n."""
+    """Base class: ``batch_sum(pred, y, xp) -> 0-d array``; the epoch value is the sum over samples / n.
+
+    ``name``: the log key (default: the metric's standard name); metrics of one model need distinct names.
+    """
 
     name = "metric"
+
+    def __init__(self, name: str | None = None):
+        if name is not None:
+            if not isinstance(name, str) or not name or name.startswith("val_") or name in ("loss", "lr"):
+                raise ValueError(f"metric name must be a non-empty string other than 'loss' and 'lr', not starting "
+                                 f"with 'val_', got {name!r}")
+            self.name = name
 
     def batch_sum(self, pred, y, xp):
         raise NotImplementedError
 
     def get_config(self):
-        return {"name": self.name}
+        config = {"name": type(self).name}
+        if self.name != type(self).name:
+            config["metric_name"] = self.name
+        return config
 
 
 class BinaryAccuracy(Metric):
@@ -48,17 +63,18 @@ class BinaryAccuracy(Metric):
 
     name = "binary_accuracy"
 
-    def __init__(self, threshold: float = 0.5):
+    def __init__(self, threshold: float = 0.5, name: str | None = None):
+        super().__init__(name)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
             raise ValueError(f"binary_accuracy threshold must be a number, got {threshold!r}")
         self.threshold = float(threshold)
 
     def batch_sum(self, pred, y, xp):
-        hit = (pred > self.threshold) == (_column(y, xp) > 0.5)
+        hit = (pred > self.threshold) == (_column(y, xp, pred.dtype) > 0.5)
         return xp.sum(xp.mean(xp.astype(hit, pred.dtype), axis=1))
 
     def get_config(self):
-        return {"name": self.name, "threshold": self.threshold}
+        return {**super().get_config(), "threshold": self.threshold}
 
 
 class Accuracy(Metric):
@@ -79,7 +95,8 @@ class TopKAccuracy(Metric):
 
     name = "top_k_accuracy"
 
-    def __init__(self, k: int = 5):
+    def __init__(self, k: int = 5, name: str | None = None):
+        super().__init__(name)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"top_k_accuracy k must be a positive integer, got {k!r}")
         self.k = k
@@ -93,14 +110,14 @@ class TopKAccuracy(Metric):
         return xp.sum(xp.astype(rank < self.k, pred.dtype))
 
     def get_config(self):
-        return {"name": self.name, "k": self.k}
+        return {**super().get_config(), "k": self.k}
 
 
 class MeanSquaredError(Metric):
     name = "mse"
 
     def batch_sum(self, pred, y, xp):
-        r = pred - _column(y, xp)
+        r = pred - _column(y, xp, pred.dtype)
         return xp.sum(xp.mean(r * r, axis=1))
 
 
@@ -108,7 +125,7 @@ class MeanAbsoluteError(Metric):
     name = "mae"
 
     def batch_sum(self, pred, y, xp):
-        return xp.sum(xp.mean(xp.abs(pred - _column(y, xp)), axis=1))
+        return xp.sum(xp.mean(xp.abs(pred - _column(y, xp, pred.dtype)), axis=1))
 
 
 METRICS = {cls.name: cls for cls in (Accuracy, BinaryAccuracy, TopKAccuracy, MeanSquaredError, MeanAbsoluteError)}
@@ -116,5 +133,21 @@ _ALIASES = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error
 
 
 def get(metric) -> Metric:
-    """A metric from a name, a config dict or an instance."""
+    """A metric from a name, a config dict (``metric_name`` restores a custom name) or an instance."""
+    if isinstance(metric, dict) and "metric_name" in metric:
+        config = dict(metric)
+        name = config.pop("metric_name")
+        found = resolve("metric", METRICS, config, Metric, _ALIASES)
+        Metric.__init__(found, name)
+        return found
     return resolve("metric", METRICS, metric, Metric, _ALIASES)
+
+
+def check_names(metrics) -> None:
+    """Distinct log keys for the metrics of one model (ValueError naming the duplicate otherwise)."""
+    seen = set()
+    for metric in metrics:
+        if metric.name in seen:
+            raise ValueError(f"two metrics are named {metric.name!r}; give one another name, e.g. "
+                             f"{type(metric).__name__}(..., name='{metric.name}_2')")
+        seen.add(metric.name)

@@ -207,6 +207,7 @@ class Model:
         if metrics is not None and not isinstance(metrics, (list, tuple)):
             raise TypeError(f"metrics must be a list, got {type(metrics).__name__}: write metrics=[{metrics!r}]")
         mets = [_metrics.get(m) for m in (metrics or [])]
+        _metrics.check_names(mets)
         opt.attach(self, f"optimizer {type(opt).__name__}")
         if self.optimizer is not None and self.optimizer is not opt:
             self.optimizer.detach()
