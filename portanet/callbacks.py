@@ -35,7 +35,7 @@ class Callback(Owned):
 
     model = None
     params: dict = {}
-    _order = 0  # run after callbacks of lower order: user callbacks, then History, the display
+    _order = 0  # run after callbacks of lower order: user callbacks, then History, ModelCheckpoint, the display
 
     def set_model(self, model):
         self.attach(model, f"callback {type(self).__name__}")
@@ -227,9 +227,12 @@ class ModelCheckpoint(Callback):
     ``path`` may hold fields filled from the 1-based epoch and the logs: ``"ckpt-{epoch:03d}-{val_loss:.3f}.safetensors"``;
     without fields the same file is replaced each time (atomically: a crash mid-write leaves the previous one).
     ``save_best_only``: write only when ``monitor`` improved (``mode`` and ``min_delta`` as in EarlyStopping).
-    It writes in ``on_epoch_complete``, after every callback's ``on_epoch_end``, so the file holds every callback's
-    state at the end of the epoch whatever the order of the list.
+    It decides in ``on_epoch_end``, after the user's callbacks and History (so ``monitor`` may be a key another
+    callback adds), and writes in ``on_epoch_complete``, after every callback's ``on_epoch_end``: the file holds every
+    callback's state at the end of the epoch (other checkpoints' best values included) whatever the list's order.
     """
+
+    _order = 2
 
     def __init__(self, path, monitor: str = "val_loss", save_best_only: bool = False, mode: str = "auto",
                  min_delta: float = 0.0):
@@ -405,8 +408,8 @@ def _format(logs) -> str:
 
 
 class CallbackList:
-    """Dispatches each hook to every callback: user callbacks in the order given, then History, then the progress
-    display. ``params`` is given to every callback (``Callback.params``)."""
+    """Dispatches each hook to every callback: user callbacks in the order given, then History, ModelCheckpoint and
+    the progress display. ``params`` is given to every callback (``Callback.params``)."""
 
     def __init__(self, callbacks, model, params: dict):
         callbacks = list(callbacks)
