@@ -1,7 +1,7 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
 from . import activations, callbacks, data, datasets, io, layers, losses, metrics, optimizers
-from ._backend import Device, resolve_device, to_numpy
+from .backends import Device, resolve_device, to_numpy
 from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                         TerminateOnNaN)
 from .gradcheck import check_gradients

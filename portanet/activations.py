@@ -19,11 +19,20 @@ class ActivationFunction:
 
     Subclass it for a custom activation; set ``needs_input = False`` when ``backward`` only reads ``a``
     (so layers need not keep ``z``), and ``init`` to ``"he"`` or ``"glorot"`` for the default initializer.
+    ``kernel`` names a backend's in-place kernel computing exactly this math ("relu", "softmax"; see
+    ``Device.kernels``) or is None. It is not inherited: a subclass that changes the math never runs a builtin
+    kernel, and one that keeps it may say so with ``kernel = "relu"``.
     """
 
     name = "custom"
     needs_input = True
     init = "glorot"
+    kernel: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kernel" not in cls.__dict__:
+            cls.kernel = None
 
     def forward(self, z, xp):
         raise NotImplementedError
@@ -61,6 +70,7 @@ class ReLU(ActivationFunction):
     name = "relu"
     needs_input = False
     init = "he"
+    kernel = "relu"
 
     def forward(self, z, xp):
         return xp.maximum(z, 0.0)
@@ -170,6 +180,7 @@ class Softmax(ActivationFunction):
 
     name = "softmax"
     needs_input = False
+    kernel = "softmax"
 
     def forward(self, z, xp):
         e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))

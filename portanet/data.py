@@ -1,7 +1,7 @@
 """Batch iteration: validate inputs; cut arrays, memory maps, sliceables and streams of batches into (shuffled)
 batches; send each batch to the model's device. Host data is read one batch (or one block) at a time.
 
-Nothing here does layer math, and nothing here knows which array library is underneath (that is ``_backend``).
+Nothing here does layer math, and nothing here knows which array library is underneath (that is ``backends``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import array_api_compat
 import numpy as np
 
-from ._backend import Device, _library, dtype_name, host_rng, resolve_device, take_rows
+from .backends import Device, dtype_name, host_rng, resolve_device, take_rows
 
 __all__ = ["batches", "Batches", "StreamError", "check_array", "check_inputs", "check_lengths", "host_empty",
            "is_stream"]
@@ -38,8 +38,8 @@ def check_array(x, name: str = "x", ndim: tuple = (2,)):
     """Validate a numeric array-like; return it (Python sequences become NumPy arrays).
 
     Arrays of any library, NumPy memory maps and sliceables with ``shape`` and ``dtype`` (h5py, zarr, your own
-    class with ``__len__`` and slicing) are returned as they are, never read here; pandas objects and anything
-    without ``shape`` and ``dtype`` go through ``numpy.asarray``.
+    class with ``__len__`` and slicing) are returned as they are, never read here; pandas objects (anything with
+    ``.iloc``) and anything without ``shape`` and ``dtype`` go through ``numpy.asarray``.
     Raises ValueError/TypeError naming ``name``, what was expected and what was got.
     """
     if x is None:
@@ -47,7 +47,7 @@ def check_array(x, name: str = "x", ndim: tuple = (2,)):
     if is_stream(x):
         raise TypeError(f"{name} must be an array here, got an iterable of batches ({type(x).__name__}); "
                         "iterables of (x, y[, sample_weight]) batches go to fit/evaluate as x, with y=None")
-    if isinstance(x, (list, tuple)) or not (hasattr(x, "shape") and hasattr(x, "dtype")) or _library(x) == "pandas":
+    if isinstance(x, (list, tuple)) or not (hasattr(x, "shape") and hasattr(x, "dtype")) or hasattr(x, "iloc"):
         try:
             x = np.asarray(x)
         except (ValueError, TypeError) as exc:

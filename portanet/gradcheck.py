@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from ._backend import host_rng
+from .backends import host_rng
 
 __all__ = ["check_gradients", "numerical_gradients"]
 

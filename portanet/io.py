@@ -18,7 +18,7 @@ import safetensors.numpy
 
 from . import layers as _layers
 from . import optimizers as _optimizers
-from ._backend import resolve_device, to_numpy
+from .backends import resolve_device, to_numpy
 from .datasets import _write_atomic as _write_file
 
 __all__ = ["ModelFileError", "save", "save_weights", "load", "load_weights", "save_checkpoint", "read_checkpoint",
@@ -416,8 +416,8 @@ def _check_state(file, state, model):
         _require(file, _is_int(state[key]) and state[key] >= 0, f"checkpoint {key} must be a non-negative integer")
     with _invalid(file, "random generator state"):
         np.random.Generator(type(model._rng.bit_generator)()).bit_generator.state = state["rng"]
-        if state["random"] is not None:
-            np.random.default_rng().bit_generator.state = state["random"]
+        if state["random"] is not None:  # the model's kind of generator reads it (a state of another kind is ignored)
+            model.device.random_source(0).set_state(state["random"])
     history = state["history"]
     _require(file, isinstance(history, dict) and isinstance(history.get("epoch"), list)
              and all(_is_int(e) for e in history["epoch"]) and isinstance(history.get("history"), dict),

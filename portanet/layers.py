@@ -74,7 +74,7 @@ class Layer:
         return {}
 
     def bind(self, xp, params: dict, grads: dict, random_source=None, fast=None) -> None:
-        """Attach parameter and gradient views; ``fast`` is the device's in-place kernels (``Device.fast``) or None."""
+        """Attach parameter and gradient views; ``fast``: the device's in-place kernels (``Device.kernels``) or None."""
         self._xp, self.params, self.grads, self._fast = xp, params, grads, fast
 
     def forward(self, x, training: bool = False):
@@ -144,7 +144,7 @@ class Dense(Layer):
     def forward(self, x, training=False):
         """x: (batch, in) -> (batch, units)."""
         z = self._affine(x)
-        a = None if self._fast is None else self._fast.activate_(self.activation, z)  # over z, which is ours
+        a = None if self._fast is None else self._fast.activate_(self.activation.kernel, z)  # over z, which is ours
         if a is None:
             a = self.activation.forward(z, self._xp)
         self._cache = (x, z if self.activation.needs_input else None, a)
@@ -172,7 +172,7 @@ class Dense(Layer):
         if fused:
             gz = grad_out
         else:
-            gz = None if fast is None else fast.activation_grad(self.activation, grad_out, a)
+            gz = None if fast is None else fast.activation_grad(self.activation.kernel, grad_out, a)
             if gz is None:
                 gz = self.activation.backward(grad_out, z, a, xp)
         if fast is not None:

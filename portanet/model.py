@@ -19,10 +19,10 @@ from . import layers as _layers
 from . import losses as _losses
 from . import metrics as _metrics
 from . import optimizers as _optimizers
-from . import _backend
+from . import backends as _backend
 from . import data as _data
 from . import io as _io
-from ._backend import Device, _library, dtype_name, host_rng, resolve_device
+from .backends import Device, dtype_name, host_rng, is_host_data, resolve_device
 from .callbacks import CallbackList, History
 from .data import Batches, check_array, check_lengths
 
@@ -148,7 +148,7 @@ class Model:
                 params[key] = xp.reshape(flat[offset:offset + size], shape)
                 grads[key] = xp.reshape(self._grads[offset:offset + size], shape)
                 offset += size
-            layer.bind(xp, params, grads, self._random, fast=dev.fast)
+            layer.bind(xp, params, grads, self._random, fast=dev.kernels)
         self._need_input_grad = [any(l.param_shapes(1) for l in self.layers[:i]) for i in range(len(self.layers))]
 
     def _require_built(self, what):
@@ -223,11 +223,12 @@ class Model:
             out = self.layers[-1].forward_logits(h)
         else:
             out = self._forward(x, training)
-        fast = self._device.fast
+        kernels = self._device.kernels
         if fusion == "plain":
             per, grad = self.loss.per_sample(out, y, xp)
-        elif fast is not None and type(self.loss) is _losses.SparseCategoricalCrossentropy:
-            per, grad = fast.sparse_softmax_crossentropy(out, y)
+        elif kernels is not None and type(self.loss) is _losses.SparseCategoricalCrossentropy:
+            probs = kernels.softmax_(xp.asarray(out, copy=True))  # as predict's softmax computes it
+            per, grad = kernels.sparse_softmax_crossentropy(out, probs, y)
         else:
             per, grad = self.loss.per_sample_logits(out, y, xp)
         loss, grad = _losses.reduce(per, grad, xp, sample_weight)
@@ -251,7 +252,7 @@ class Model:
         loss, out, logits = self._loss_and_backward(x, y, sample_weight, training=True)
         if before_step is not None:  # fit's NaN guard: may raise before a bad update reaches the weights
             before_step(loss)
-        self.optimizer.step(self._flat, self._grads, fast=self._device.fast)
+        self.optimizer.step(self._flat, self._grads, fast=self._device.kernels)
         return loss, out, logits
 
     def _device_batch(self, x, y=None, sample_weight=None):
@@ -263,7 +264,7 @@ class Model:
         if self.built and x.shape[1] != self.input_dim:
             raise ValueError(f"x has {x.shape[1]} features but the model expects {self.input_dim}")
         if y is not None:  # label ranges are read back only for host data: no device sync per custom-loop step
-            self.loss.check_targets(y, _output_dim(self.layers, x.shape[1]), values=_library(y) == "numpy")
+            self.loss.check_targets(y, _output_dim(self.layers, x.shape[1]), values=is_host_data(y))
         if not self.built:
             self.build(x.shape[1])
         return (self._to_here(x, "x", self.dtype),
@@ -271,7 +272,7 @@ class Model:
                 None if sample_weight is None else self._to_here(sample_weight, "sample_weight", self.dtype))
 
     def _to_here(self, a, name, dtype):
-        if self._device.owns(a) or _library(a) == "numpy":
+        if self._device.owns(a) or is_host_data(a):
             return self._device.asarray(a, dtype)
         raise ValueError(
             f"{name} lives on {_describe(a)} but the model is on {self._device.name}; move it explicitly "
@@ -315,7 +316,7 @@ class Model:
             raise RuntimeError("the model has no layers: add at least one Dense layer")
         out_dim = self.output_dim if self.built else _output_dim(self.layers, width)
         targets = _data.first_targets(x, y)
-        self.loss.check_targets(targets, out_dim, values=_library(targets) == "numpy" or _data.in_memory(y))
+        self.loss.check_targets(targets, out_dim, values=is_host_data(targets) or _data.in_memory(y))
         if not self.built:
             self.build(width)
         return x, y, sample_weight
@@ -566,7 +567,7 @@ class Model:
         if target == self._device:
             return self
         with target.scope():
-            flat = target.xp.asarray(target.asarray(self._flat), copy=True) if self.built else None  # never aliases
+            flat = target.copy(self._flat) if self.built else None  # never aliases
         if self.optimizer is not None:
             self.optimizer.to(target)
         for layer in self.layers:

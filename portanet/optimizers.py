@@ -2,7 +2,7 @@
 
 State is created with ``zeros_like`` on the parameters' device and moves with them; math goes through ``xp`` only.
 Every portable parameter write happens in :meth:`Optimizer._apply`, so an immutable backend needs one change
-(the in-place fast kernels of ``Device.fast`` exist only for NumPy and CuPy).
+(the in-place kernels of ``Device.kernels`` exist only for NumPy, and CuPy when enabled).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class Optimizer:
         self.state = {name: state["slots"][name] for name in self.slots}
 
     def to(self, device) -> "Optimizer":
-        """Move the slot arrays to ``device`` (a :class:`portanet._backend.Device`)."""
-        self.state = {k: device.asarray(v) for k, v in self.state.items()}
+        """Move the slot arrays to ``device`` (a :class:`portanet.Device`); the moved ones never alias the old."""
+        self.state = {k: device.copy(v) for k, v in self.state.items()}
         return self
 
     def get_config(self) -> dict:
@@ -69,7 +69,7 @@ class Optimizer:
 
     # -- update -------------------------------------------------------------------
     def step(self, params, grads, fast=None) -> None:
-        """Update ``params`` in place from ``grads``; ``fast``: the device's in-place kernels (``Device.fast``) or None."""
+        """Update ``params`` in place from ``grads``; ``fast``: the device's kernels (``Device.kernels``) or None."""
         self._ensure_state(params)
         self.iterations += 1
         if fast is None or not self._fast_step(params, grads, fast):

@@ -5,7 +5,7 @@ import pytest
 
 import portanet as pn
 from portanet import resolve_device, to_numpy
-from portanet._backend import dtype_name, host_rng
+from portanet.backends import dtype_name, host_rng
 
 
 def test_cpu_resolves_to_numpy():

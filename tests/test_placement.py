@@ -169,11 +169,11 @@ def test_predict_to_numpy_returns_host_arrays_from_a_memory_map(device, tmp_path
 
 
 def test_the_loss_is_read_back_once_per_epoch_or_every_log_every_steps(device, monkeypatch):
-    from portanet import _backend
+    from portanet import backends
 
     reads = []
-    real = _backend.to_numpy
-    monkeypatch.setattr(_backend, "to_numpy", lambda a: (device.owns(a) and reads.append(a.shape)) or real(a))
+    real = backends.to_numpy
+    monkeypatch.setattr(backends, "to_numpy", lambda a: (device.owns(a) and reads.append(a.shape)) or real(a))
 
     class Logged(pn.Callback):
         steps = []
