@@ -196,3 +196,67 @@ def test_benchmark_reports_each_contestant_with_ratios_to_pytorch_and_the_gemm_b
     assert report["predict"]["ratio_to_gemm_bound"] > 0
     assert ("pytorch" in shape["seconds"]) == (importlib.util.find_spec("torch") is not None)
     assert '"shapes"' in capsys.readouterr().out
+
+
+class _Shifted(activations.ReLU):
+    """A user's ReLU subclass that changes the math: the builtin ReLU kernel must not run for it."""
+
+    name = "shifted_relu"
+
+    def forward(self, z, xp):
+        return xp.maximum(z, 0.0) + 1.0
+
+    def backward(self, grad, z, a, xp):
+        return grad * xp.astype(a > 1.0, grad.dtype)
+
+
+def test_kernels_go_by_name_and_a_subclass_that_changes_the_math_gets_none():
+    class Renamed(activations.ReLU):
+        kernel = "relu"  # same math: may opt back in
+
+    assert (activations.ReLU.kernel, activations.Softmax.kernel, activations.Tanh.kernel) == ("relu", "softmax", None)
+    assert _Shifted.kernel is None and Renamed.kernel == "relu"
+
+
+def test_a_subclass_of_a_builtin_activation_runs_its_own_math(device):
+    _fast(device)
+    model = pn.Model([pn.Dense(4, _Shifted())], device=device, seed=0, dtype="float64").build(3)
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    params = {k: to_numpy(v) for k, v in model.parameters().items()}
+    expected = np.maximum(x @ params["dense_0.kernel"] + params["dense_0.bias"], 0.0) + 1.0
+    assert_close(model.predict(x), expected, device=device, rtol=1e-12, atol=1e-12)
+
+
+class _NoMaximumReduce:
+    """NumPy as CuPy 13/14 behaves: ``maximum.reduce`` is not implemented (only add and multiply reduce)."""
+
+    class _Maximum:
+        def __call__(self, *args, **kwargs):
+            return np.maximum(*args, **kwargs)
+
+        def reduce(self, *args, **kwargs):
+            raise NotImplementedError("cupy.maximum.reduce")
+
+    maximum = _Maximum()
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@pytest.mark.parametrize("classes", [10, 100], ids=["narrow", "wide"])
+def test_cupy_kernels_reduce_rows_without_ufunc_reduce(classes):
+    from portanet.backends.cupy import CupyKernels
+    from portanet.backends.numpy import Kernels
+
+    kernels = CupyKernels.__new__(CupyKernels)  # its row reductions and softmax, on NumPy arrays (no GPU here)
+    Kernels.__init__(kernels, _NoMaximumReduce())
+    rng = np.random.default_rng(12)
+    z = (rng.standard_normal((33, classes)) * 30.0).astype(np.float32)
+    labels = rng.integers(0, classes, 33)
+    expected = activations.Softmax().forward(z, np)
+    probs = kernels.softmax_(z.copy())
+    np.testing.assert_allclose(probs, expected, rtol=RTOL, atol=1e-7)
+    per, grad = kernels.sparse_softmax_crossentropy(z, probs, labels)
+    per_ref, grad_ref = pn.SparseCategoricalCrossentropy().per_sample_logits(z, labels, np)
+    np.testing.assert_allclose(per, per_ref, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(grad, grad_ref, rtol=RTOL, atol=1e-6)
