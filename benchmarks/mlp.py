@@ -21,7 +21,6 @@ import warnings
 import numpy as np
 
 import portanet as pn
-from portanet._backend_fast import without_fast_paths
 
 SHAPES = {  # name -> (widths, batch size)
     "typical": ((784, 512, 256, 10), 128),
@@ -287,7 +286,7 @@ class Run:
         fit_x, fit_y = (self.x_dev, self.device.from_host(self.y)) if args.backend == "cupy" else (self.x, self.y)
         self.contestants = {
             "portanet": lambda w, b: time_portanet(w, b, fit_x, fit_y, self.device),
-            "portanet_portable": lambda w, b: time_portanet(w, b, fit_x, fit_y, without_fast_paths(self.device)),
+            "portanet_portable": lambda w, b: time_portanet(w, b, fit_x, fit_y, self.device.portable()),
             "gemm_bound": lambda w, b: time_gemm_bound(w, b, self.x_dev, self.device),
         }
         try:

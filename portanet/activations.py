@@ -19,8 +19,9 @@ class ActivationFunction:
 
     Subclass it for a custom activation; set ``needs_input = False`` when ``backward`` only reads ``a``
     (so layers need not keep ``z``), and ``init`` to ``"he"`` or ``"glorot"`` for the default initializer.
-    ``kernel`` names a backend in-place kernel computing the same function ("relu", "softmax"); it is not inherited,
-    so a subclass that changes the math never runs a built-in kernel.
+    ``kernel`` names a backend's in-place kernel computing exactly this math ("relu", "softmax"; see
+    ``Device.kernels``) or is None. It is not inherited: a subclass that changes the math never runs a builtin
+    kernel, and one that keeps it may say so with ``kernel = "relu"``.
     """
 
     name = "custom"
@@ -30,7 +31,8 @@ class ActivationFunction:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.kernel = cls.__dict__.get("kernel")
+        if "kernel" not in cls.__dict__:
+            cls.kernel = None
 
     def forward(self, z, xp):
         raise NotImplementedError

@@ -13,7 +13,7 @@ import os
 import array_api_compat
 import numpy as np
 
-from .backends import Device, dtype_name, host_rng, library_of, resolve_device, take_rows
+from .backends import Device, dtype_name, host_rng, resolve_device, take_rows
 
 __all__ = ["adapt", "batches", "Batches", "ArrayAdapter", "SliceableAdapter", "StreamAdapter", "StreamError",
            "check_array", "check_lengths", "check_fraction", "split_rows", "host_empty", "is_stream", "in_memory"]
@@ -45,8 +45,8 @@ def check_array(x, name: str = "x", ndim: tuple = (2,)):
     """Validate a numeric array-like; return it (Python sequences become NumPy arrays).
 
     Arrays of any library, NumPy memory maps and sliceables with ``shape`` and ``dtype`` (h5py, zarr, your own
-    class with ``__len__`` and slicing) are returned as they are, never read here; pandas objects and anything
-    without ``shape`` and ``dtype`` go through ``numpy.asarray``.
+    class with ``__len__`` and slicing) are returned as they are, never read here; pandas objects (anything with
+    ``.iloc``) and anything without ``shape`` and ``dtype`` go through ``numpy.asarray``.
     Raises ValueError/TypeError naming ``name``, what was expected and what was got.
     """
     if x is None:
@@ -54,7 +54,7 @@ def check_array(x, name: str = "x", ndim: tuple = (2,)):
     if is_stream(x):
         raise TypeError(f"{name} must be an array here, got an iterable of batches ({type(x).__name__}); "
                         "iterables of (x, y[, sample_weight]) batches go to fit/evaluate as x, with y=None")
-    if isinstance(x, (list, tuple)) or not (hasattr(x, "shape") and hasattr(x, "dtype")) or library_of(x) == "pandas":
+    if isinstance(x, (list, tuple)) or not (hasattr(x, "shape") and hasattr(x, "dtype")) or hasattr(x, "iloc"):
         try:
             x = np.asarray(x)
         except (ValueError, TypeError) as exc:

@@ -20,7 +20,7 @@ from . import losses as _losses
 from . import metrics as _metrics
 from . import optimizers as _optimizers
 from . import training as _training
-from .backends import dtype_name, host_rng, library_of, move_target, resolve_device, to_numpy
+from .backends import dtype_name, host_rng, is_host_data, library_of, move_target, resolve_device, to_numpy
 from .params import ParameterBuffer
 
 __all__ = ["Model", "load"]
@@ -296,7 +296,7 @@ class Model:
         _data.check_lengths(x=x, y=y, sample_weight=sample_weight)
         self.check_input_dim(x.shape[1])
         if y is not None:  # label ranges are read back only for host data: no device sync per custom-loop step
-            self.check_targets(y, x.shape[1], values=library_of(y) == "numpy")
+            self.check_targets(y, x.shape[1], values=is_host_data(y))
         self.build(x.shape[1])
         return (self._here(x, "x", self.dtype),
                 None if y is None else self._here(y, "y", "int64" if self.loss.sparse else self.dtype),
@@ -307,7 +307,7 @@ class Model:
         self.loss.check_targets(y, self.output_width(input_dim or self.input_dim), name, values=values)
 
     def _here(self, a, name, dtype):
-        if self._device.owns(a) or library_of(a) == "numpy":
+        if self._device.owns(a) or is_host_data(a):
             return self._device.asarray(a, dtype)
         raise ValueError(
             f"{name} lives on {_describe(a)} but the model is on {self._device.name}; move it explicitly "

@@ -3,7 +3,7 @@ clipping and (coupled or decoupled) weight decay restricted by an optional mask.
 
 State is created with ``zeros_like`` on the parameters' device and moves with them; math goes through ``xp`` only.
 Every portable parameter write happens in :meth:`Optimizer._apply`, so an immutable backend needs one change
-(the in-place fast kernels of ``Device.fast`` exist only for NumPy and CuPy).
+(the in-place kernels of ``Device.kernels`` exist only for NumPy, and CuPy when enabled).
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class Optimizer(Owned):
     # -- update -------------------------------------------------------------------
     def step(self, params, grads, fast=None) -> None:
         """Update ``params`` in place from ``grads`` (clipped in place first); ``fast``: the device's in-place
-        kernels (``Device.fast``) or None."""
+        kernels (``Device.kernels``) or None."""
         self._ensure_state(params)
         lr = self._learning_rate_at(self.iterations)
         self.clip_gradients(grads)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import Device, _library, dtype_name, to_numpy
+from .backends import Device, dtype_name, library_of, to_numpy
 
 __all__ = ["assert_close", "assert_on_device", "tolerance"]
 
@@ -22,7 +22,7 @@ def tolerance(dtype) -> float:
 def assert_on_device(actual, device: Device) -> None:
     """``actual`` is an array of ``device``'s namespace on ``device`` (not NumPy computed behind its back)."""
     if not device.owns(actual):
-        raise AssertionError(f"result lives in {_library(actual)} ({type(actual).__name__}) "
+        raise AssertionError(f"result lives in {library_of(actual)} ({type(actual).__name__}) "
                              f"but was expected on {device.name} ({device.backend})")
 
 

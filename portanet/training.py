@@ -20,7 +20,7 @@ import array_api_compat
 
 from . import data as _data
 from . import io as _io
-from .backends import to_numpy
+from .backends import is_host_data, to_numpy
 from .callbacks import CallbackList, History, check_callbacks
 
 __all__ = ["fit", "evaluate"]
@@ -188,12 +188,8 @@ def _check_model_fits(model, source, width=None):
         raise ValueError(f"{prefix}x has {source.width} features but x has {width}")
     model.check_input_dim(source.width, f"{prefix}x")
     targets = source.first_targets()
-    values = isinstance(source, _data.ArrayAdapter) or _host(targets)
+    values = isinstance(source, _data.ArrayAdapter) or is_host_data(targets)
     model.check_targets(targets, source.width, f"{prefix}y", values=values)
-
-
-def _host(a) -> bool:
-    return type(a).__module__.split(".")[0] == "numpy"
 
 
 def _class_weights(class_weight, loss, out_dim):

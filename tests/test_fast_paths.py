@@ -1,6 +1,7 @@
-"""Backend fast paths (``Device.fast``) against the portable path on the same inputs, and the benchmark script."""
+"""Backend fast paths (``Device.kernels``) against the portable path on the same inputs, and the benchmark script."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,16 +9,15 @@ import pytest
 
 import portanet as pn
 from portanet import activations, optimizers, to_numpy
-from portanet._backend_fast import without_fast_paths
 from portanet.testing import assert_close
 
 RTOL = 1e-5  # float32: the fast kernels round in another order than the portable expressions
 
 
 def _fast(device):
-    if device.fast is None:
+    if device.kernels is None:
         pytest.skip(f"backend {device.backend} has no fast path: the portable path is the only one")
-    return device.fast
+    return device.kernels
 
 
 def _arrays(device, *shapes, seed=0):
@@ -25,14 +25,16 @@ def _arrays(device, *shapes, seed=0):
     return [device.asarray(rng.standard_normal(shape), "float32") for shape in shapes]
 
 
-def test_numpy_and_cupy_have_fast_paths_and_other_backends_do_not(device):
-    assert (device.fast is not None) == (device.backend in ("numpy", "cupy"))
+def test_numpy_has_fast_paths_cupy_only_when_enabled_and_other_backends_do_not(device):
+    cupy_enabled = os.environ.get("PORTANET_CUPY_KERNELS") == "1"
+    expected = device.backend == "numpy" or (device.backend == "cupy" and cupy_enabled)
+    assert (device.kernels is not None) == expected
 
 
-def test_without_fast_paths_is_the_same_device_with_the_portable_path_only(device):
-    portable = without_fast_paths(device)
-    assert portable == device and portable.fast is None
-    assert device.fast is not None or device.backend not in ("numpy", "cupy")
+def test_portable_is_the_same_device_with_the_portable_path_only(device):
+    portable = device.portable()
+    assert portable == device and hash(portable) == hash(device) and portable.kernels is None
+    assert device.kernels is not None or device.backend != "numpy"
 
 
 def test_relu_forward_in_place_matches_the_portable_relu(device):
@@ -51,7 +53,7 @@ def test_softmax_in_place_matches_the_portable_softmax(device, classes):
     (z,) = _arrays(device, (33, classes), seed=10)
     z = z * 40.0
     expected = activations.Softmax().forward(z, device.xp)
-    assert_close(fast.activate_(activations.Softmax(), z), expected, device=device, rtol=RTOL, atol=1e-7)
+    assert_close(fast.activate_(activations.Softmax().kernel, z), expected, device=device, rtol=RTOL, atol=1e-7)
     assert_close(z, expected, device=device, rtol=RTOL, atol=1e-7)
 
 
@@ -59,8 +61,8 @@ def test_activations_without_a_kernel_are_left_to_the_portable_path(device):
     fast = _fast(device)
     (z,) = _arrays(device, (4, 3), seed=11)
     before = to_numpy(z).copy()
-    assert fast.activate_(activations.Tanh(), z) is None
-    assert fast.activation_grad(activations.Softmax(), z, z) is None
+    assert fast.activate_(activations.Tanh().kernel, z) is None
+    assert fast.activation_grad(activations.Softmax().kernel, z, z) is None
     np.testing.assert_array_equal(to_numpy(z), before)
 
 
@@ -94,11 +96,14 @@ def test_fused_sparse_crossentropy_matches_the_portable_loss_and_keeps_the_logit
     z = z * 30.0  # large logits: both must stay finite
     labels = device.asarray(np.random.default_rng(9).integers(0, shape[1], shape[0]), "int64")
     before = to_numpy(z).copy()
-    per, grad = fast.sparse_softmax_crossentropy(z, labels)
+    probs = fast.softmax_(device.xp.asarray(z, copy=True))
+    probs_before = to_numpy(probs).copy()
+    per, grad = fast.sparse_softmax_crossentropy(z, probs, labels)
     per_ref, grad_ref = pn.SparseCategoricalCrossentropy().per_sample_logits(z, labels, device.xp)
     assert_close(per, per_ref, device=device, rtol=RTOL, atol=1e-5)
     assert_close(grad, grad_ref, device=device, rtol=RTOL, atol=1e-6)
     np.testing.assert_array_equal(to_numpy(z), before)
+    np.testing.assert_array_equal(to_numpy(probs), probs_before)  # the caller's probabilities, left as they were
 
 
 @pytest.mark.parametrize("config", [
@@ -133,7 +138,7 @@ def test_optimizers_without_fast_kernels_fall_back_to_the_portable_step(device):
 def _pair(device, activation, seed=0):
     """The same compiled model twice: with the device's fast path and with the portable path only."""
     models = []
-    for dev in (device, without_fast_paths(device)):
+    for dev in (device, device.portable()):
         model = pn.Model([pn.Dense(16, activation), pn.Dense(8, "tanh"), pn.Dense(3, "softmax")], device=dev, seed=seed)
         model.compile(loss="sparse_categorical_crossentropy", optimizer=pn.Adam(lr=0.01))
         models.append(model.build(5))
@@ -144,7 +149,7 @@ def _pair(device, activation, seed=0):
 def test_gradients_match_the_portable_path(device, activation):
     _fast(device)
     quick, portable = _pair(device, activation)
-    assert quick.layers[0]._fast is device.fast and portable.layers[0]._fast is None
+    assert quick.layers[0]._kernels is device.kernels and portable.layers[0]._kernels is None
     rng = np.random.default_rng(5)
     x, y = rng.standard_normal((24, 5)), rng.integers(0, 3, 24)
     loss_fast, grads_fast = quick.loss_and_grads(x, y)
@@ -169,7 +174,7 @@ def test_training_matches_the_portable_path(device):
 def test_moving_a_model_rebinds_its_layers_to_the_new_devices_fast_path(device):
     model = pn.Model([pn.Dense(4, "relu"), pn.Dense(2)], seed=0).build(3)
     model.to(device)
-    assert all(layer._fast is device.fast for layer in model.layers)
+    assert all(layer._kernels is device.kernels for layer in model.layers)
 
 
 def _benchmark_module():
@@ -191,3 +196,67 @@ def test_benchmark_reports_each_contestant_with_ratios_to_pytorch_and_the_gemm_b
     assert report["predict"]["ratio_to_gemm_bound"] > 0
     assert ("pytorch" in shape["seconds"]) == (importlib.util.find_spec("torch") is not None)
     assert '"shapes"' in capsys.readouterr().out
+
+
+class _Shifted(activations.ReLU):
+    """A user's ReLU subclass that changes the math: the builtin ReLU kernel must not run for it."""
+
+    name = "shifted_relu"
+
+    def forward(self, z, xp):
+        return xp.maximum(z, 0.0) + 1.0
+
+    def backward(self, grad, z, a, xp):
+        return grad * xp.astype(a > 1.0, grad.dtype)
+
+
+def test_kernels_go_by_name_and_a_subclass_that_changes_the_math_gets_none():
+    class Renamed(activations.ReLU):
+        kernel = "relu"  # same math: may opt back in
+
+    assert (activations.ReLU.kernel, activations.Softmax.kernel, activations.Tanh.kernel) == ("relu", "softmax", None)
+    assert _Shifted.kernel is None and Renamed.kernel == "relu"
+
+
+def test_a_subclass_of_a_builtin_activation_runs_its_own_math(device):
+    _fast(device)
+    model = pn.Model([pn.Dense(4, _Shifted())], device=device, seed=0, dtype="float64").build(3)
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    params = {k: to_numpy(v) for k, v in model.parameters().items()}
+    expected = np.maximum(x @ params["dense_0.kernel"] + params["dense_0.bias"], 0.0) + 1.0
+    assert_close(model.predict(x), expected, device=device, rtol=1e-12, atol=1e-12)
+
+
+class _NoMaximumReduce:
+    """NumPy as CuPy 13/14 behaves: ``maximum.reduce`` is not implemented (only add and multiply reduce)."""
+
+    class _Maximum:
+        def __call__(self, *args, **kwargs):
+            return np.maximum(*args, **kwargs)
+
+        def reduce(self, *args, **kwargs):
+            raise NotImplementedError("cupy.maximum.reduce")
+
+    maximum = _Maximum()
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@pytest.mark.parametrize("classes", [10, 100], ids=["narrow", "wide"])
+def test_cupy_kernels_reduce_rows_without_ufunc_reduce(classes):
+    from portanet.backends.cupy import CupyKernels
+    from portanet.backends.numpy import Kernels
+
+    kernels = CupyKernels.__new__(CupyKernels)  # its row reductions and softmax, on NumPy arrays (no GPU here)
+    Kernels.__init__(kernels, _NoMaximumReduce())
+    rng = np.random.default_rng(12)
+    z = (rng.standard_normal((33, classes)) * 30.0).astype(np.float32)
+    labels = rng.integers(0, classes, 33)
+    expected = activations.Softmax().forward(z, np)
+    probs = kernels.softmax_(z.copy())
+    np.testing.assert_allclose(probs, expected, rtol=RTOL, atol=1e-7)
+    per, grad = kernels.sparse_softmax_crossentropy(z, probs, labels)
+    per_ref, grad_ref = pn.SparseCategoricalCrossentropy().per_sample_logits(z, labels, np)
+    np.testing.assert_allclose(per, per_ref, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(grad, grad_ref, rtol=RTOL, atol=1e-6)

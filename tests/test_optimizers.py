@@ -481,7 +481,7 @@ def test_adamw_decay_cannot_be_coupled():
     {"name": "adam", "learning_rate": 0.01, "clipvalue": 0.2, "weight_decay": 0.1, "decoupled_weight_decay": True},
 ], ids=["schedule-global-coupled", "per-tensor-decoupled", "value-decoupled"])
 def test_fast_kernels_match_the_portable_path_with_every_option(device, config):
-    if device.fast is None:
+    if device.kernels is None:
         pytest.skip(f"{device.backend} has no fast kernels: the portable path is the only one")
     rng = np.random.default_rng(14)
     p0, grads = rng.standard_normal(13), [rng.standard_normal(13) for _ in range(6)]
@@ -492,5 +492,5 @@ def test_fast_kernels_match_the_portable_path_with_every_option(device, config):
         opt.set_decay_mask(device.asarray(MASK, "float64"))
     for g in grads:
         portable.step(pp, _on(device, g))
-        quick.step(pq, _on(device, g), fast=device.fast)
+        quick.step(pq, _on(device, g), fast=device.kernels)
     assert_close(pq, pp, device=device, rtol=1e-12, atol=1e-14)

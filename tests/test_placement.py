@@ -196,3 +196,70 @@ def test_log_every_must_be_a_positive_integer(value):
     with pytest.raises(ValueError, match=f"log_every must be a positive integer or None, got {value!r}"):
         model.fit(X, LABELS, verbose=0, log_every=value)
     assert not model.built
+
+
+def _host_views(model):
+    """Every buffer a move must not share with its destination: the flat parameters, each parameter, each slot."""
+    return [model.parameter_buffer.values, *model.parameters().values(), *model.optimizer.state.values()]
+
+
+def test_moving_between_numpy_and_torch_cpu_never_shares_memory():
+    torch = pytest.importorskip("torch")
+    model = _model()
+    model.fit(X, LABELS, epochs=1, batch_size=16, verbose=0)
+    old = _host_views(model)
+    kept = [a.copy() for a in old]
+    model.to("torch")
+    new = _host_views(model)
+    assert all(isinstance(t, torch.Tensor) for t in new)
+    assert not any(np.shares_memory(a, t.numpy()) for a in old for t in new)
+    model.fit(X, LABELS, epochs=1, batch_size=16, verbose=0)
+    for a, k in zip(old, kept):
+        np.testing.assert_array_equal(a, k)
+    tensors, kept = new, [t.clone() for t in new]
+    model.to("numpy")
+    back = _host_views(model)
+    assert not any(np.shares_memory(a, t.numpy()) for a in back for t in tensors)
+    model.fit(X, LABELS, epochs=1, batch_size=16, verbose=0)
+    for t, k in zip(tensors, kept):
+        assert torch.equal(t, k)
+
+
+def _torch_inputs(torch):
+    return (torch.tensor(X, requires_grad=True), torch.tensor(LABELS),
+            torch.ones(len(X), dtype=torch.float64, requires_grad=True))
+
+
+def test_torch_tensors_that_require_grad_train_evaluate_and_predict_like_plain_data():
+    torch = pytest.importorskip("torch")
+    x, y, w = _torch_inputs(torch)
+    model, reference = _model(resolve_device("cpu", backend="torch"), "float64"), _model("cpu", "float64")
+    got = model.fit(x, y, sample_weight=w, epochs=2, batch_size=16, verbose=0).history
+    want = reference.fit(X, LABELS, epochs=2, batch_size=16, verbose=0).history
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-12)
+    assert model.evaluate(x, y, sample_weight=w) == pytest.approx(reference.evaluate(X, LABELS), rel=1e-12)
+    out = model.predict(x)
+    assert not out.requires_grad and out.grad_fn is None
+    assert_close(out, reference.predict(X), rtol=1e-12, atol=1e-12)
+    loss = model.train_step(x[:16], y[:16])
+    reference.train_step(X[:16], LABELS[:16])
+    assert not loss.requires_grad and loss.grad_fn is None
+    assert x.grad is None and not model.parameter_buffer.values.requires_grad
+    for name, value in model.parameters().items():
+        assert not value.requires_grad
+        assert_close(value, reference.parameters()[name], rtol=1e-12, atol=1e-12, err_msg=name)
+    np.testing.assert_array_equal(x.detach().numpy(), X)  # the caller's tensor is untouched
+
+
+def test_set_parameters_with_tensors_that_require_grad_keeps_the_model_trainable():
+    torch = pytest.importorskip("torch")
+    model = _model(resolve_device("cpu", backend="torch"), "float64").build(5)
+    values = {name: torch.zeros(tuple(v.shape), dtype=torch.float64, requires_grad=True)
+              for name, v in model.parameters().items()}
+    model.set_parameters(values)
+    assert not model.parameter_buffer.values.requires_grad and model.parameter_buffer.values.grad_fn is None
+    assert float(model.parameter_buffer.values.abs().sum()) == 0.0
+    model.fit(*_torch_inputs(torch)[:2], epochs=2, batch_size=16, verbose=0)  # in-place updates still allowed
+    model.fit(X, LABELS, epochs=1, batch_size=16, verbose=0)
+    assert float(model.parameter_buffer.values.abs().sum()) > 0 and not model.parameter_buffer.values.requires_grad
+    assert all(v.grad is None for v in values.values())

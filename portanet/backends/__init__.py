@@ -1,43 +1,27 @@
-"""TEMPORARY shim over the old _backend modules (replaced by the backends package being written)."""
-import numpy as np
+"""Where arrays live: one :class:`Device` subclass per array library, resolving devices, moving arrays, host RNG.
 
-from .. import _backend as _old
-from .. import _backend_fast as _fast
-from .._backend import Device, resolve_device, move_target, to_numpy, host_rng, dtype_name, take_rows, BACKENDS
-from .._backend import _library as library_of
+The only package that knows array libraries by name (each in its own module, imported lazily: importing portanet
+imports neither torch nor cupy); layer, loss and optimizer math never imports them. It imports nothing else from
+portanet.
 
-Device.kernels = property(lambda self: self.fast)
-Device.copy = lambda self, x: self.xp.asarray(x, copy=True)
-Device.to_host = lambda self, x: to_numpy(x)
-Device.__hash__ = lambda self: hash(self.name)
+- ``base``: the :class:`Device` contract, :class:`RandomSource`, the registry and device-string parsing.
+- ``numpy``: :class:`NumpyDevice` and the in-place NumPy :class:`Kernels`.
+- ``generic``: any array-API namespace, and array-api-strict (the portable path, no kernels).
+- ``torch``: :class:`TorchDevice` (autograd off, inputs detached, generator state exportable).
+- ``cupy``: :class:`CupyDevice`, its kernels (opt-in: ``PORTANET_CUPY_KERNELS=1``) and the pinned-memory prefetch.
+"""
 
+from __future__ import annotations
 
-def _activate_(self, name, z):
-    if name == "relu":
-        return self.relu_(z)
-    if name == "softmax":
-        return self.softmax_(z)
-    return None
+from .base import (Device, RandomSource, dtype_name, host_rng, is_host_data, libraries, library_of, move_target,
+                   resolve_device, take_rows, to_numpy)
+from .numpy import Kernels, NumpyDevice
+from .generic import ArrayAPIDevice, ArrayAPIStrictDevice
+from .torch import TorchDevice
+from .cupy import CupyDevice
 
+__all__ = ["Device", "RandomSource", "Kernels", "resolve_device", "move_target", "to_numpy", "library_of",
+           "is_host_data", "host_rng", "dtype_name", "take_rows", "BACKENDS",
+           "NumpyDevice", "ArrayAPIDevice", "ArrayAPIStrictDevice", "TorchDevice", "CupyDevice"]
 
-def _activation_grad(self, name, grad, a):
-    return self.relu_grad(grad, a) if name == "relu" else None
-
-
-def _sce(self, z, probs, labels):
-    mod = self.mod
-    rows, labels = mod.arange(z.shape[0]), labels.reshape(-1)
-    e = z - self._row_reduce(mod.maximum, z)[:, None]
-    picked = e[rows, labels]
-    mod.exp(e, out=e)
-    per = mod.log(self._row_reduce(mod.add, e))
-    per -= picked
-    grad = probs.copy()
-    grad[rows, labels] -= 1.0
-    return per, grad
-
-
-_fast.Fast.activate_ = _activate_
-_fast.Fast.activation_grad = _activation_grad
-_fast.Fast.sparse_softmax_crossentropy = _sce
-without_fast_paths = _fast.without_fast_paths
+BACKENDS = libraries()  # ("numpy", "array_api_strict", "torch", "cupy"): the registration order above

@@ -1,0 +1,149 @@
+"""PyTorch: CPU and CUDA torch devices. Inputs are detached from autograd and model code runs under ``no_grad``, so
+a tensor that requires grad never reaches (or leaks out of) the math; dropout draws from a ``torch.Generator``.
+
+torch is imported only when a torch device is resolved or a torch tensor is handled.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import warnings
+
+import array_api_compat
+import numpy as np
+
+from .base import DEVICE_FORMS, Device, RandomSource, _check_state, _exportable, _on_cuda
+
+__all__ = ["TorchDevice", "TorchRandomSource"]
+
+
+def _torch():
+    try:
+        return importlib.import_module("torch")
+    except ImportError as exc:
+        raise ImportError('backend \'torch\' is not installed: install it with pip install "portanet[torch]"') from exc
+
+
+class TorchDevice(Device):
+    """A ``torch.device`` ("cpu", "cuda:N"); arrays are tensors, never tracking gradients."""
+
+    library = "torch"
+    aliases = ("pytorch",)
+    reads_device_strings = True
+
+    @classmethod
+    def resolve(cls, device, namespace=None):
+        torch = _torch()
+        try:
+            dev = torch.device(device) if isinstance(device, (str, torch.device)) else torch.device("cuda", int(device))
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"unknown torch device {device!r}; {DEVICE_FORMS}") from exc
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device={device!r} was requested but torch sees no CUDA device")
+            index = dev.index or 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device index {index} is out of range: {torch.cuda.device_count()} CUDA device(s) "
+                                 "visible")
+            dev = torch.device("cuda", index)
+        return cls(array_api_compat.array_namespace(torch.empty(0)), dev, str(dev))
+
+    @classmethod
+    def array_to_numpy(cls, x):
+        return x.detach().cpu().numpy()
+
+    @classmethod
+    def take_rows(cls, a, rows):
+        return super().take_rows(a.detach(), rows)
+
+    @classmethod
+    def released(cls, x):
+        return x.detach()
+
+    @property
+    def host_memory(self):
+        return self.device.type == "cpu"
+
+    def scope(self):
+        return _torch().no_grad()
+
+    def _holds(self, x):
+        return x.device == self.device or str(x.device) == str(self.device)
+
+    def _adopt(self, x):
+        return x.detach() if x.requires_grad else x  # the same memory, without autograd
+
+    def _from_sibling(self, x):
+        return x.detach().to(self.device)
+
+    def _from_foreign(self, x, dtype):
+        if not self.host_memory and _on_cuda(x):  # CUDA to CUDA (CuPy, ...) through DLPack, not the host
+            return self.asarray(_torch().from_dlpack(_exportable(x)), dtype)
+        return super()._from_foreign(x, dtype)
+
+    def _duplicate(self, a):
+        return a.detach().clone()
+
+    def _upload(self, host):
+        if not host.flags.writeable:  # a read-only memmap: torch cannot share it
+            host = host.copy()
+        return _torch().asarray(np.ascontiguousarray(host), device=self.device)
+
+    def synchronize(self):
+        if not self.host_memory:
+            _torch().cuda.synchronize(self.device)
+
+    def random_source(self, seed):
+        return TorchRandomSource(self, seed)
+
+    def upload_batches(self, parts, dtypes, prefetch=None):
+        """As :meth:`Device.upload_batches`; on CUDA, unless ``prefetch`` is False, host arrays are cast into pinned
+        memory (torch's caching host allocator reuses it once its copy is done) and copied with
+        ``non_blocking=True``: nothing waits for the device per batch."""
+        if self.host_memory or prefetch is False:
+            yield from super().upload_batches(parts, dtypes, prefetch)
+            return
+        pinned = True
+        for part in parts:
+            batch = []
+            for a, dt in zip(part, dtypes):
+                if pinned and isinstance(a, np.ndarray):
+                    try:
+                        batch.append(self._pinned_upload(a, dt))
+                        continue
+                    except RuntimeError as exc:
+                        warnings.warn(f"pinned host memory is unavailable ({exc}); uploading batches without it",
+                                      RuntimeWarning)
+                        pinned = False
+                batch.append(None if a is None else self.asarray(a, dt))
+            yield tuple(batch)
+
+    def _pinned_upload(self, host, dtype):
+        staged = _torch().empty(host.shape, dtype=self.dtype(dtype), pin_memory=True)
+        np.copyto(staged.numpy(), host, casting="unsafe")
+        return staged.to(self.device, non_blocking=True)
+
+
+class TorchRandomSource(RandomSource):
+    """Draws on the torch device from a ``torch.Generator``; its state travels as base64 text, tagged with the
+    device type it belongs to (a CPU generator's state does not fit a CUDA one)."""
+
+    def __init__(self, device, seed):
+        super().__init__(device, seed)
+        self._gen = _torch().Generator(device=device.device).manual_seed(self.seed)
+
+    def uniform(self, shape, dtype):
+        return _torch().rand(shape, generator=self._gen, dtype=self.device.dtype(dtype), device=self.device.device)
+
+    def get_state(self):
+        raw = self._gen.get_state().numpy().tobytes()
+        return {"generator": "torch", "device_type": self.device.device.type,
+                "state": base64.b64encode(raw).decode("ascii")}
+
+    def set_state(self, state):
+        if (_check_state(state) and state.get("generator") == "torch"
+                and state.get("device_type") == self.device.device.type):
+            torch = _torch()
+            raw = bytearray(base64.b64decode(state["state"]))
+            self._gen.set_state(torch.frombuffer(raw, dtype=torch.uint8))
