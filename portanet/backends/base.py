@@ -123,7 +123,7 @@ def take_rows(a, rows: np.ndarray):
     return _class_of(a).take_rows(a, rows)
 
 
-def _on_cuda(x) -> bool:
+def on_cuda(x) -> bool:
     """True when ``x`` (any library) sits in CUDA memory, as its DLPack device says."""
     try:
         return int(x.__dlpack_device__()[0]) in _DLPACK_CUDA
@@ -131,7 +131,7 @@ def _on_cuda(x) -> bool:
         return False
 
 
-def _exportable(x):
+def exportable(x):
     """``x`` as its library lets it be exported through DLPack (torch: detached from autograd)."""
     return _class_of(x).released(x)
 
@@ -426,10 +426,10 @@ class RandomSource:
         return None
 
     def set_state(self, state) -> None:
-        _check_state(state)
+        check_state(state)
 
 
-def _check_state(state) -> bool:
+def check_state(state) -> bool:
     """True for a state dict to look into; False for None (nothing was exported); ValueError for anything else."""
     if state is not None and not isinstance(state, dict):
         raise ValueError(f"a random generator state must be a dict or None, got {type(state).__name__}")
@@ -450,5 +450,5 @@ class HostRandomSource(RandomSource):
         return self._gen.bit_generator.state
 
     def set_state(self, state) -> None:
-        if _check_state(state) and state.get("bit_generator") == type(self._gen.bit_generator).__name__:
+        if check_state(state) and state.get("bit_generator") == type(self._gen.bit_generator).__name__:
             self._gen.bit_generator.state = state

@@ -11,7 +11,7 @@ import warnings
 import array_api_compat
 import numpy as np
 
-from .base import Device, RandomSource, _exportable, _on_cuda, cuda_index, dtype_name
+from .base import Device, RandomSource, exportable, on_cuda, cuda_index, dtype_name
 from .numpy import Kernels
 
 __all__ = ["CupyDevice", "CupyKernels", "CupyRandomSource", "prefetch_uploads", "KERNELS_ENV"]
@@ -107,9 +107,9 @@ class CupyDevice(Device):
             return self.xp.asarray(x)
 
     def _from_foreign(self, x, dtype):
-        if _on_cuda(x):  # CUDA to CUDA (torch, ...) through DLPack, not the host
+        if on_cuda(x):  # CUDA to CUDA (torch, ...) through DLPack, not the host
             with self.device:
-                return self.asarray(self.xp.from_dlpack(_exportable(x)), dtype)
+                return self.asarray(self.xp.from_dlpack(exportable(x)), dtype)
         return super()._from_foreign(x, dtype)
 
     def _duplicate(self, a):

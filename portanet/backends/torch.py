@@ -13,7 +13,7 @@ import warnings
 import array_api_compat
 import numpy as np
 
-from .base import DEVICE_FORMS, Device, RandomSource, _check_state, _exportable, _on_cuda
+from .base import DEVICE_FORMS, Device, RandomSource, check_state, exportable, on_cuda
 
 __all__ = ["TorchDevice", "TorchRandomSource"]
 
@@ -78,8 +78,8 @@ class TorchDevice(Device):
         return x.detach().to(self.device)
 
     def _from_foreign(self, x, dtype):
-        if not self.host_memory and _on_cuda(x):  # CUDA to CUDA (CuPy, ...) through DLPack, not the host
-            return self.asarray(_torch().from_dlpack(_exportable(x)), dtype)
+        if not self.host_memory and on_cuda(x):  # CUDA to CUDA (CuPy, ...) through DLPack, not the host
+            return self.asarray(_torch().from_dlpack(exportable(x)), dtype)
         return super()._from_foreign(x, dtype)
 
     def _duplicate(self, a):
@@ -142,7 +142,7 @@ class TorchRandomSource(RandomSource):
                 "state": base64.b64encode(raw).decode("ascii")}
 
     def set_state(self, state):
-        if (_check_state(state) and state.get("generator") == "torch"
+        if (check_state(state) and state.get("generator") == "torch"
                 and state.get("device_type") == self.device.device.type):
             torch = _torch()
             raw = bytearray(base64.b64decode(state["state"]))
