@@ -574,6 +574,9 @@ class NCCLCommunicator(Communicator):
         if type(array).__module__.split(".")[0] != "cupy":
             raise TypeError(f"NCCLCommunicator.{what} takes CuPy arrays, got {type(array).__name__}; "
                             "use distributed='mpi' for other backends")
+        if array.device.id != self.device:
+            raise ValueError(f"NCCLCommunicator.{what}: the array is on cuda:{array.device.id} but this rank's NCCL "
+                             f"communicator is on cuda:{self.device}")
         if not array.flags.c_contiguous:
             raise ValueError(f"NCCLCommunicator.{what} needs a contiguous array")
         nccl = self._nccl_mod

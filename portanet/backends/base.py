@@ -15,7 +15,8 @@ import array_api_compat
 import numpy as np
 
 __all__ = ["Device", "RandomSource", "HostRandomSource", "resolve_device", "move_target", "library_of", "to_numpy",
-           "take_rows", "is_host_data", "host_rng", "dtype_name", "parse_device_string", "cuda_index", "libraries"]
+           "take_rows", "is_host_data", "host_rng", "dtype_name", "parse_device_string", "cuda_index", "libraries",
+           "on_cuda", "exporting"]
 
 DEVICE_FORMS = (
     'accepted devices: "cpu", "cuda", "cuda:N", a cupy.cuda.Device, a torch.device, '
@@ -131,9 +132,14 @@ def on_cuda(x) -> bool:
         return False
 
 
-def exportable(x):
-    """``x`` as its library lets it be exported through DLPack (torch: detached from autograd)."""
-    return _class_of(x).released(x)
+@contextlib.contextmanager
+def exporting(x):
+    """Yields ``x`` as its library lets it be exported through DLPack (torch: detached from autograd), with that
+    library's current device set to ``x``'s until the import is done: a CUDA producer orders its current stream
+    before the consumer's on the current device (CuPy's ``__dlpack__(stream=...)``), which must be ``x``'s."""
+    cls = _class_of(x)
+    with cls.array_scope(x):
+        yield cls.released(x)
 
 
 # -- resolving what the user said --------------------------------------------------------------------------------
@@ -276,6 +282,11 @@ class Device(abc.ABC):
     def released(cls, x):
         """``x`` free of library-side state that stops an export (autograd); the same data."""
         return x
+
+    @classmethod
+    def array_scope(cls, x):
+        """Context manager making ``x``'s device the library's current one (CuPy); elsewhere it does nothing."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def _upload(self, host: np.ndarray):

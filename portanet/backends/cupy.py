@@ -11,7 +11,7 @@ import warnings
 import array_api_compat
 import numpy as np
 
-from .base import Device, RandomSource, exportable, on_cuda, cuda_index, dtype_name
+from .base import Device, RandomSource, cuda_index, dtype_name, exporting, on_cuda
 from .numpy import Kernels
 
 __all__ = ["CupyDevice", "CupyKernels", "CupyRandomSource", "prefetch_uploads", "KERNELS_ENV"]
@@ -93,8 +93,12 @@ class CupyDevice(Device):
     @classmethod
     def take_rows(cls, a, rows):
         xp = array_api_compat.array_namespace(a)
-        with a.device:
+        with a.device:  # cupy.asarray of host rows: staged in pinned memory, copied without waiting for the device
             return xp.take(a, xp.asarray(rows), axis=0)
+
+    @classmethod
+    def array_scope(cls, x):
+        return x.device
 
     def scope(self):
         return self.device
@@ -103,13 +107,28 @@ class CupyDevice(Device):
         return x.device.id == self.device.id
 
     def _from_sibling(self, x):
+        # CuPy copies between GPUs on the destination's current stream and orders nothing on the source: the copy
+        # waits for the work queued on the source, and the source's later work (which may reuse x's memory once it
+        # is freed) waits for the copy. No host synchronisation.
+        cp = _cupy()
+        with x.device:
+            x = cp.ascontiguousarray(x)  # a non-contiguous x would be compacted on the source after the event
+            source = cp.cuda.get_current_stream()
+            written = _event(cp, source)
         with self.device:
-            return self.xp.asarray(x)
+            target = cp.cuda.get_current_stream()
+            target.wait_event(written)
+            out = self.xp.asarray(x)
+            copied = _event(cp, target)
+        with x.device:
+            source.wait_event(copied)
+        return out
 
     def _from_foreign(self, x, dtype):
-        if on_cuda(x):  # CUDA to CUDA (torch, ...) through DLPack, not the host
-            with self.device:
-                return self.asarray(self.xp.from_dlpack(exportable(x)), dtype)
+        if on_cuda(x):  # CUDA to CUDA (torch, ...) through DLPack, not the host; CuPy passes its stream to x's
+            with exporting(x) as exported:
+                imported = self.xp.from_dlpack(exported)  # on x's device
+            return self.asarray(imported, dtype)
         return super()._from_foreign(x, dtype)
 
     def _duplicate(self, a):
@@ -142,7 +161,10 @@ class CupyDevice(Device):
 
 
 class CupyRandomSource(RandomSource):
-    """Draws on the CUDA device from a CuPy generator; its state cannot be exported (restarts from the seed)."""
+    """Draws on the CUDA device from ``cupy.random.default_rng`` (XORWOW over cuRAND), created and always drawn
+    from on this device. Its state cannot be exported: CuPy keeps one cuRAND state per thread in device memory and
+    has no public API to read or set it, so ``get_state()`` is None and a restored model's dropout stream restarts
+    from the seed."""
 
     def __init__(self, device, seed):
         super().__init__(device, seed)
@@ -152,6 +174,11 @@ class CupyRandomSource(RandomSource):
     def uniform(self, shape, dtype):
         with self.device.device:
             return self._gen.random(shape, dtype=dtype_name(dtype))
+
+
+def _event(cp, stream):
+    """An event recorded on ``stream`` now (no timing: cheaper to record and wait on); call on its device."""
+    return stream.record(cp.cuda.Event(disable_timing=True))
 
 
 # -- prefetch: CUDA-only data movement; nothing here does math --------------------------------------------------
@@ -209,7 +236,7 @@ def _stage(cp, cupyx, side, slot, part, dtypes):
                for k, (a, dt) in enumerate(zip(part, dtypes))]
     if any(b is not None and b[2] for b in buffers):
         # fresh device memory may have been freed by work still queued on the compute stream
-        side.wait_event(cp.cuda.get_current_stream().record())
+        side.wait_event(_event(cp, cp.cuda.get_current_stream()))
     batch = []
     for a, b in zip(part, buffers):
         if b is None or b[0] is None:
@@ -220,7 +247,7 @@ def _stage(cp, cupyx, side, slot, part, dtypes):
         np.copyto(pinned, a, casting="unsafe")
         staged.set(pinned, stream=side)
         batch.append((staged, True))
-    slot.uploaded = side.record()
+    slot.uploaded = _event(cp, side)
     slot.batch = tuple(batch)
 
 
@@ -248,5 +275,5 @@ def _hand_out(cp, device, slot, dtypes):
     stream.wait_event(slot.uploaded)
     out = tuple(None if a is None else a.copy() if staged else device.asarray(a, dt)
                 for (a, staged), dt in zip(slot.batch, dtypes))
-    slot.released = stream.record()
+    slot.released = _event(cp, stream)
     return out

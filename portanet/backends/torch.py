@@ -13,7 +13,7 @@ import warnings
 import array_api_compat
 import numpy as np
 
-from .base import DEVICE_FORMS, Device, RandomSource, check_state, exportable, on_cuda
+from .base import DEVICE_FORMS, Device, RandomSource, check_state, exporting, on_cuda
 
 __all__ = ["TorchDevice", "TorchRandomSource"]
 
@@ -55,7 +55,19 @@ class TorchDevice(Device):
 
     @classmethod
     def take_rows(cls, a, rows):
-        return super().take_rows(a.detach(), rows)
+        a = a.detach()
+        if a.device.type != "cuda":
+            return super().take_rows(a, rows)
+        # The rows go up from pinned memory with non_blocking=True: queued, nothing waits for the device (a pageable
+        # upload would synchronise the stream every batch). torch's caching host allocator records the copy on the
+        # pinned block, so it is reused only once the copy is done.
+        torch = _torch()
+        try:
+            index = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
+        except RuntimeError:  # no pinned memory to be had: the plain (synchronising) upload
+            return super().take_rows(a, rows)
+        index.numpy()[...] = rows
+        return torch.index_select(a, 0, index.to(a.device, non_blocking=True))
 
     @classmethod
     def released(cls, x):
@@ -79,7 +91,9 @@ class TorchDevice(Device):
 
     def _from_foreign(self, x, dtype):
         if not self.host_memory and on_cuda(x):  # CUDA to CUDA (CuPy, ...) through DLPack, not the host
-            return self.asarray(_torch().from_dlpack(exportable(x)), dtype)
+            with exporting(x) as exported:  # torch passes its stream on x's device; x's library orders before it
+                imported = _torch().from_dlpack(exported)
+            return self.asarray(imported, dtype)
         return super()._from_foreign(x, dtype)
 
     def _duplicate(self, a):
@@ -98,9 +112,10 @@ class TorchDevice(Device):
         return TorchRandomSource(self, seed)
 
     def upload_batches(self, parts, dtypes, prefetch=None):
-        """As :meth:`Device.upload_batches`; on CUDA, unless ``prefetch`` is False, host arrays are cast into pinned
-        memory (torch's caching host allocator reuses it once its copy is done) and copied with
-        ``non_blocking=True``: nothing waits for the device per batch."""
+        """As :meth:`Device.upload_batches`; on CUDA, unless ``prefetch`` is False, host arrays (NumPy, torch CPU
+        tensors) are cast into pinned memory and copied with ``non_blocking=True``: nothing waits for the device per
+        batch. The pinned tensor may be freed at once: torch's caching host allocator records the copy on its block
+        and reuses it only once the copy is done."""
         if self.host_memory or prefetch is False:
             yield from super().upload_batches(parts, dtypes, prefetch)
             return
@@ -108,9 +123,10 @@ class TorchDevice(Device):
         for part in parts:
             batch = []
             for a, dt in zip(part, dtypes):
-                if pinned and isinstance(a, np.ndarray):
+                host = _host_view(a) if pinned else None
+                if host is not None:
                     try:
-                        batch.append(self._pinned_upload(a, dt))
+                        batch.append(self._pinned_upload(host, dt))
                         continue
                     except RuntimeError as exc:
                         warnings.warn(f"pinned host memory is unavailable ({exc}); uploading batches without it",
@@ -123,6 +139,19 @@ class TorchDevice(Device):
         staged = _torch().empty(host.shape, dtype=self.dtype(dtype), pin_memory=True)
         np.copyto(staged.numpy(), host, casting="unsafe")
         return staged.to(self.device, non_blocking=True)
+
+
+def _host_view(a):
+    """``a`` as a NumPy array sharing its memory when it is host data (NumPy, a torch CPU tensor), else None."""
+    if isinstance(a, np.ndarray):
+        return a
+    torch = _torch()
+    if isinstance(a, torch.Tensor) and a.device.type == "cpu":
+        try:
+            return a.detach().numpy()
+        except (TypeError, RuntimeError):  # a dtype NumPy lacks (bfloat16): the plain upload
+            return None
+    return None
 
 
 class TorchRandomSource(RandomSource):
