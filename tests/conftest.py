@@ -1,6 +1,7 @@
 """The backend fixture: every backend-dependent test runs on each backend, visible in the ids, skipped with a reason.
 
-Select with ``pytest --backend=NAME`` (repeatable) or ``PORTANET_BACKENDS=numpy,cupy``; unknown names are errors.
+Select with ``pytest --backend=NAME`` (repeatable) or ``PORTANET_BACKENDS=numpy,cupy``, NAME a backend or a case id
+("torch" runs torch on the CPU and, where torch sees a GPU, "torch-cuda"); unknown names are errors.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ except ImportError:  # the fixture reports it as a skip reason
 
 from portanet import resolve_device
 
+def _torch_cuda():
+    """torch on the first GPU, float32 matrix products in full precision (no TF32), as the tolerances assume."""
+    device = resolve_device("cuda:0", backend="torch")
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
 # id -> (backend name used for selection, how to build the Device)
 CASES = {
     "numpy": ("numpy", lambda: resolve_device("cpu")),
@@ -26,6 +37,8 @@ CASES = {
     "array_api_strict-device1": ("array_api_strict", lambda: resolve_device("device1", backend="array_api_strict")),
     "torch": ("torch", lambda: resolve_device("cpu", backend="torch")),
     "cupy": ("cupy", lambda: resolve_device("cuda:0")),
+    # torch on the GPU: selected by --backend=torch-cuda (or torch); skipped where torch sees no CUDA device
+    "torch-cuda": ("torch", _torch_cuda),
 }
 NAMES = sorted({name for name, _ in CASES.values()})
 
@@ -34,7 +47,8 @@ MNIST_DIR = Path(os.environ.get("PORTANET_DATA", Path(__file__).resolve().parent
 
 def pytest_addoption(parser):
     parser.addoption("--backend", action="append", default=[], metavar="NAME",
-                     help=f"run backend-dependent tests on this backend only (repeatable): one of {NAMES}")
+                     help=f"run backend-dependent tests on this backend only (repeatable): one of {NAMES} or a case id "
+                          f"from {list(CASES)}")
 
 
 def _selected(config) -> set:
@@ -50,11 +64,19 @@ def _selected(config) -> set:
 def pytest_configure(config):
     config._portanet_backends = _selected(config)
     config.addinivalue_line("markers", "slow: trains on real data (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "backend: takes the device fixture, set on every such test (a GPU run "
+                                       "selects them alone with -m backend)")
 
 
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", list(CASES), indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.backend)
 
 
 _cache: dict = {}
