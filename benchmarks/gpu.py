@@ -136,8 +136,8 @@ def kernels(device) -> list:
     with device.scope():
         for name, (shape, quick, portable) in cases.items():
             t_fast, t_portable = _per_call(device, quick), _per_call(device, portable)
-            out.append({"kernel": name, "shape": shape, "us_fast": round(t_fast, 2), "us_portable": round(t_portable, 2),
-                        "speedup": round(t_portable / t_fast, 3)})
+            out.append({"kernel": name, "shape": shape, "us_fast": round(t_fast, 2),
+                        "us_portable": round(t_portable, 2), "speedup": round(t_portable / t_fast, 3)})
     return out
 
 

@@ -25,7 +25,8 @@ def tables(report) -> str:
     env, results = report.get("environment", {}), report.get("results", {})
     gpu, versions = env.get("gpu") or {}, env.get("versions") or {}
     lines = [f"Measured {env.get('date', '?')} by `ci/gpu-check` on {gpu.get('name', 'no GPU')} "
-             f"(driver {env.get('nvidia_smi') or gpu.get('cuda_driver', '?')}, CUDA runtime {gpu.get('cuda_runtime', '?')}); "
+             f"(driver {env.get('nvidia_smi') or gpu.get('cuda_driver', '?')}, "
+             f"CUDA runtime {gpu.get('cuda_runtime', '?')}); "
              f"Python {env.get('python', '?')}, CuPy {versions.get('cupy')}, PyTorch {versions.get('torch')}, "
              f"NumPy {versions.get('numpy')}; float32 without TF32 on both sides; portanet source "
              f"`{(env.get('portanet_source_sha256') or '?')[:12]}`. Check: **{report.get('gpu_check')}**"
@@ -47,7 +48,8 @@ def tables(report) -> str:
                   "| --- | ---: |" + " ---: |" * (len(CONTESTANTS) + 4)]
         for name, s in shapes.items():
             best = {k: v["min"] for k, v in s["seconds"].items()}
-            ratio, flops, frac = s.get("ratio_to_pytorch", {}), s.get("tflop_per_s", {}), s.get("fraction_of_gemm_bound", {})
+            ratio, flops = s.get("ratio_to_pytorch", {}), s.get("tflop_per_s", {})
+            frac = s.get("fraction_of_gemm_bound", {})
             lines.append(f"| {name} {'-'.join(map(str, s['widths']))} | {s['batch']} | "
                          + " | ".join(_fmt(best.get(k)) for k, _ in CONTESTANTS)
                          + f" | **{_fmt(ratio.get('portanet_portable'))}** | {_fmt(ratio.get('portanet'))} | "
@@ -65,7 +67,8 @@ def tables(report) -> str:
         for library, entry in prefetch.items():
             for r in entry["runs"]:
                 lines.append(f"| {library} | {r['batch_size']} | {r['seconds_prefetch_off']:.3f} | "
-                             f"{r['seconds_prefetch_on']:.3f} | {r['speedup']:.2f} | {r['max_weight_difference']:.1e} |")
+                             f"{r['seconds_prefetch_on']:.3f} | {r['speedup']:.2f} | "
+                             f"{r['max_weight_difference']:.1e} |")
     timings = (results.get("gpu") or {}).get("kernels") or []
     advice = report.get("kernels") or {}
     if timings:

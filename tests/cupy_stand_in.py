@@ -75,7 +75,7 @@ class NumpyAsCupy:
         return getattr(np, name)
 
 
-# -- streams, events and memory of a simulated GPU -----------------------------------------------------------------------------------
+# -- streams, events and memory of a simulated GPU ---------------------------------------------------------------
 class _Event:
     def __init__(self, disable_timing=False):
         self.stream, self.position = None, 0
