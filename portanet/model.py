@@ -258,6 +258,7 @@ class Model:
             per, grad = loss.per_sample(out, y, xp)
         return _losses.reduce(per, grad, xp, sample_weight)
 
+    @_on_device
     def compute_gradients(self, x, y, sample_weight=None, training=True):
         """Forward, loss and backward for one device batch; fills the gradient buffer.
 
@@ -272,15 +273,18 @@ class Model:
             grad = self.layers[i].backward(grad, caches[i], self._need_input_grad[i], **fused)
         return loss, out
 
+    @_on_device
     def apply_gradients(self) -> None:
         """One optimizer step from the gradient buffer (filled by :meth:`compute_gradients`)."""
         self.optimizer.step(self._params.values, self._params.grads, fast=self._device.kernels)
 
+    @_on_device
     def test_step(self, x, y, sample_weight=None):
         """``(loss, output)`` for one device batch in inference mode; nothing changes."""
         out, logits, _ = self._forward(x, False, keep_caches=False)
         return self._loss(out, logits, y, sample_weight)[0], out
 
+    @_on_device
     def predict_step(self, x):
         """Output (batch, out) for one device batch in inference mode; nothing changes."""
         for layer in self.layers:
