@@ -178,6 +178,10 @@ class Optimizer(Owned):
         return {"iterations": self.iterations, "slots": dict(self.state)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take back a :meth:`state_dict`; the state of an optimizer that has not stepped yet (no slots) resets it."""
+        if not state.get("slots") and int(state["iterations"]) == 0:  # slots are created at the first step
+            self.iterations, self.state = 0, {}
+            return
         missing = set(self.slots) - set(state.get("slots", {}))
         if missing:
             raise ValueError(f"optimizer state for {self.name} is missing slots {sorted(missing)}")
