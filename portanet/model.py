@@ -7,11 +7,13 @@ format in :mod:`portanet.io`. Math goes through the device's namespace ``xp``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import math
 import warnings
 
+from . import checks as _checks
 from . import data as _data
 from . import export as _export
 from . import io as _io
@@ -142,6 +144,7 @@ class Model:
         self.check_input_dim(input_dim)
         if self.built:
             return self
+        _checks.check_setup(self.layers, self.loss, self.metrics, input_dim, warn_likely=False)
         layout, values, states, dim = [], [], [], input_dim
         for layer in self.layers:
             shapes, state_shapes = layer.param_shapes(dim), layer.state_shapes(dim)
@@ -201,13 +204,18 @@ class Model:
     # -- compile ---------------------------------------------------------------------------
     def compile(self, loss, optimizer="adam", metrics=None) -> "Model":
         """Choose the loss (required), optimizer and metrics. Calling it again keeps the trained weights (a new
-        optimizer state unless the same optimizer object is passed). An optimizer object serves one model only."""
+        optimizer state unless the same optimizer object is passed). An optimizer object serves one model only.
+
+        The output layer is checked against the loss and metrics (:func:`portanet.checks.check_setup`): a setup that
+        cannot learn raises ValueError, a likely mistake warns (:class:`~portanet.checks.SetupWarning`). On error
+        the previous loss, optimizer and metrics stay in place."""
         loss_obj = _losses.get(loss)
         opt = _optimizers.get(optimizer)
         if metrics is not None and not isinstance(metrics, (list, tuple)):
             raise TypeError(f"metrics must be a list, got {type(metrics).__name__}: write metrics=[{metrics!r}]")
         mets = [_metrics.get(m) for m in (metrics or [])]
         _metrics.check_names(mets)
+        _checks.check_setup(self.layers, loss_obj, mets, self.input_dim)
         opt.attach(self, f"optimizer {type(opt).__name__}")
         if self.optimizer is not None and self.optimizer is not opt:
             self.optimizer.detach()
@@ -562,7 +570,9 @@ class Model:
         model = cls([_layers.get(layer) for layer in config["layers"]], device=device, backend=backend,
                     dtype=config["dtype"])
         if config.get("loss") is not None:
-            model.compile(config["loss"], config.get("optimizer") or "adam", config.get("metrics") or [])
+            with warnings.catch_warnings():  # advice is for the person who compiled it, not everyone who loads it
+                warnings.simplefilter("ignore", _checks.SetupWarning)
+                model.compile(config["loss"], config.get("optimizer") or "adam", config.get("metrics") or [])
         return model
 
 

@@ -40,10 +40,12 @@ OUTPUT_FOR = {"mse": None, "mae": None, "huber": None, "binary_crossentropy": "s
 
 
 def _output(activation, loss):
-    """The activation itself on the output too, unless a cross-entropy needs probabilities it cannot produce."""
-    if OUTPUT_FOR[loss] is None or activation in ("sigmoid", "softmax"):
+    """The activation itself on the output too, unless a cross-entropy needs probabilities it cannot produce
+    (sigmoid outputs do not sum to 1 over the classes: portanet refuses them for the categorical cross-entropies)."""
+    wanted = OUTPUT_FOR[loss]
+    if wanted is None or activation == wanted or (activation == "softmax" and wanted == "sigmoid"):
         return activation
-    return OUTPUT_FOR[loss]
+    return wanted
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
