@@ -192,7 +192,7 @@ def _check_model_fits(model, source, width=None):
         raise ValueError(f"{prefix}x has {source.width} features but x has {width}")
     model.check_input_dim(source.width, f"{prefix}x")
     targets = source.first_targets()
-    values = isinstance(source, _data.ArrayAdapter) or is_host_data(targets)
+    values = isinstance(source, _data.ArrayAdapter) or is_host_data(targets) or model.device.host_memory
     model.check_targets(targets, source.width, f"{prefix}y", values=values)
 
 
