@@ -247,11 +247,23 @@ class ModelCheckpoint(Callback):
         logs = dict.fromkeys(keys, 0.0)
         if self.save_best_only:
             self._monitor.value(logs)
-        self._path(0, logs)
+        self._check_folder(self._path(0, logs))
 
     def on_train_begin(self, logs=None):
         self._monitor.reset()
         self._pending = None
+        try:
+            path = self._path(0, {})
+        except ValueError:  # fields from the logs: the folder is checked when the path is known
+            return
+        self._check_folder(path)
+
+    def _check_folder(self, path):
+        """Before the first epoch: a folder that does not exist would fail only after an epoch of training."""
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"ModelCheckpoint cannot write {path}: the folder {folder} does not exist "
+                                    "(create it before fit)")
 
     def on_epoch_end(self, epoch, logs=None):
         self._pending = None

@@ -223,6 +223,9 @@ class Model:
         The output layer is checked against the loss and metrics (:func:`portanet.checks.check_setup`): a setup that
         cannot learn raises ValueError, a likely mistake warns (:class:`~portanet.checks.SetupWarning`). On error
         the previous loss, optimizer and metrics stay in place."""
+        if loss is None:
+            raise TypeError("compile() needs a loss: a name such as 'sparse_categorical_crossentropy' or 'mse', a "
+                            "config dict or a Loss, got None")
         loss_obj = _losses.get(loss)
         opt = _optimizers.get(optimizer)
         if metrics is not None and not isinstance(metrics, (list, tuple)):
