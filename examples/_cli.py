@@ -92,6 +92,7 @@ def machine_summary() -> str:
         blas = "BLAS kernel not known (pip install threadpoolctl to see it)"
     else:
         libs = [p for p in threadpool_info() if p.get("user_api") == "blas"]
-        blas = "; ".join(f"{p['internal_api']} {p.get('version')} {p.get('architecture') or ''} kernels, "
-                         f"{p['num_threads']} thread{'s' if p['num_threads'] != 1 else ''}".replace("  ", " ") for p in libs) or "no BLAS loaded"
+        blas = "; ".join(f"{p['internal_api']} {p.get('version')} {p.get('architecture') or 'unknown'} kernels, "
+                         f"{p['num_threads']} thread{'s' if p['num_threads'] != 1 else ''}" for p in libs)
+        blas = blas or "no BLAS loaded"
     return f"{cpu} ({os.cpu_count()} cores); {blas}"

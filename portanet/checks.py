@@ -17,6 +17,7 @@ from . import losses as _losses
 from . import metrics as _metrics
 from .activations import ACTIVATIONS
 from .backends import dtype_name
+from .data import in_memory
 from .layers import Activation, Dense, Dropout
 
 __all__ = ["SetupWarning", "check_setup", "check_training_data", "LARGE_INPUT"]
@@ -159,11 +160,8 @@ def _first_rows(source):
     """``(x, y)`` to look at: all of in-memory arrays, the first rows of a sliceable, a stream's first batch."""
     if hasattr(source, "first"):
         return source.first[0], source.first[1]
-    x, y = source.x, source.y
-    if getattr(source, "reads_lazily", False):
-        stop = min(source.n, 1024)
-        x, y = _rows(x, stop), None if y is None else _rows(y, stop)
-    return x, y
+    stop = min(source.n, 1024)
+    return tuple(None if a is None else a if in_memory(a) else _rows(a, stop) for a in (source.x, source.y))
 
 
 def _rows(a, stop):
@@ -175,20 +173,35 @@ def _range(a):
     return float(xp.min(a)), float(xp.max(a))
 
 
-def check_training_data(model, source, shuffle) -> None:
+def _size(x) -> float:
+    """The largest ``|x|`` (two reductions; 1 for booleans)."""
+    if array_api_compat.array_namespace(x).isdtype(x.dtype, "bool"):
+        return 1.0
+    lo, hi = _range(x)
+    return max(abs(lo), abs(hi))
+
+
+def check_training_data(model, source, shuffle, validation=None) -> None:
     """Warn (:class:`SetupWarning`) about training data the model will likely learn badly from: inputs that are
-    not scaled, regression targets the output activation cannot reach, categorical targets that are not one-hot or
-    probabilities, labels sorted by class without shuffling. A few reductions of in-memory data (the first rows
-    of a sliceable, the first batch of a stream); nothing is changed."""
+    not scaled, validation inputs on another scale than the training inputs, regression targets the output
+    activation cannot reach, categorical targets that are not one-hot or probabilities, labels sorted by class
+    without shuffling. A few reductions of in-memory data (the first rows of a sliceable, the first batch of a
+    stream); nothing is changed."""
     x, y = _first_rows(source)
-    if x is not None and not array_api_compat.array_namespace(x).isdtype(x.dtype, "bool"):
-        lo, hi = _range(x)
-        size = max(abs(lo), abs(hi))
+    if x is not None:
+        size = _size(x)
+        if validation is not None:
+            val_size = _size(_first_rows(validation)[0])
+            if max(size, val_size) > 2 and max(size, val_size) >= 10 * min(size, val_size):
+                warn(f"validation x holds values up to {val_size:.4g} in size but x up to {size:.4g}: the two are "
+                     "scaled differently, so the validation metrics say little; scale both the same way (with the "
+                     "training rows' statistics)")
         if size > LARGE_INPUT:
             raw = "raw pixel values? " if array_api_compat.array_namespace(x).isdtype(x.dtype, "integral") else ""
-            warn(f"x holds values up to {size:.4g} in size ({raw}dtype {dtype_name(x.dtype)}): unscaled inputs saturate the first "
-                 "layer and the loss starts far too high. Scale them: x / 255 for images (load_mnist(normalize=True) "
-                 "does it), else standardize each feature: (x - mean) / std with the training rows' mean and std")
+            warn(f"x holds values up to {size:.4g} in size ({raw}dtype {dtype_name(x.dtype)}): unscaled inputs "
+                 "saturate the first layer and the loss starts far too high. Scale them: x / 255 for images "
+                 "(load_mnist(normalize=True) does it), else standardize each feature: (x - mean) / std with the "
+                 "training rows' mean and std")
     if y is None:
         return
     loss = model.loss

@@ -83,7 +83,7 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
         if bad:
             raise ValueError(f"{bad[0]} holds NaN or inf (the first in row {bad[1]}); training on it would turn the "
                              "weights into NaN: clean or impute the data first")
-    _checks.check_training_data(model, train, shuffle)
+    _checks.check_training_data(model, train, shuffle, val)
     _check_monitors(model, user_callbacks, validation=val is not None or bool(fraction))
     checkpoint = None if resume_from is None else _io.read_checkpoint(resume_from, model, train.width)
     with _running_lock:

@@ -174,7 +174,7 @@ def test_device_equality_and_hash_agree_with_its_name(device):
     assert {device.name: 1}.get(device) == 1
 
 
-# -- small API edges ----------------------------------------------------------------------------------------------------
+# -- small API edges -------------------------------------------------------------------------------------------------
 def test_a_single_layer_instead_of_a_list_is_a_type_error_showing_the_list():
     with pytest.raises(TypeError, match=r"got a single Dense: write Model\(\[Dense\(...\)\]\)"):
         pn.Model(pn.Dense(3))

@@ -66,8 +66,8 @@ def test_metrics_ignore_sample_weights_and_the_loss_does_not(device):
 def test_binary_accuracy_thresholds_what_predict_returns_logits_with_a_from_logits_loss(device):
     y = (X[:, 0] > 0).astype(np.float64)
     with pytest.warns(pn.SetupWarning, match="'at_half' compares what predict returns with 0.5"):
-        model = _model(device, pn.Dense(1), pn.BinaryCrossentropy(from_logits=True),
-                       [pn.metrics.BinaryAccuracy(threshold=0.0, name="at_0"), pn.metrics.BinaryAccuracy(name="at_half")])
+        metrics = [pn.metrics.BinaryAccuracy(threshold=0.0, name="at_0"), pn.metrics.BinaryAccuracy(name="at_half")]
+        model = _model(device, pn.Dense(1), pn.BinaryCrossentropy(from_logits=True), metrics)
     model.fit(X, y, epochs=5, verbose=0)
     logits = to_numpy(model.predict(X))[:, 0]
     logs = model.evaluate(X, y)

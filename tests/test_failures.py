@@ -196,7 +196,7 @@ def test_labels_out_of_range_on_the_models_own_host_device_are_refused(device):
         model.train_step(device.asarray(X), device.asarray(Y + 3))
 
 
-# -- every public call that changes state checks everything first -------------------------------------------------------
+# -- every public call that changes state checks everything first ---------------------------------------------------
 def test_invalid_evaluate_calls_on_an_unbuilt_model_leave_it_unbuilt(device):
     reference = _model(device)
     expected = reference.evaluate(X, Y)

@@ -120,17 +120,18 @@ def test_categorical_crossentropy_with_negative_targets_is_an_error(device):
 @pytest.mark.parametrize("loss", ["categorical_crossentropy", "mse", "binary_crossentropy"])
 def test_integer_labels_for_a_loss_that_wants_one_column_per_output_suggest_the_sparse_loss(device, loss):
     activation = "sigmoid" if loss == "binary_crossentropy" else "softmax"
-    model = _model(device, pn.Dense(3, activation), loss=loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SetupWarning)  # mse on a softmax: tested above
+        model = _model(device, pn.Dense(3, activation), loss=loss)
     with pytest.raises(ValueError, match=r"shape \(samples, 3\).*got \(64,\); y looks like integer class labels: use "
                                          r"loss='sparse_categorical_crossentropy'"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SetupWarning)
-            model.fit(X, LABELS, verbose=0)
+        model.fit(X, LABELS, verbose=0)
 
 
-# -- likely mistakes: one warning with the fix -----------------------------------------------------------------------------
+# -- likely mistakes: one warning with the fix ----------------------------------------------------------------------
 def test_binary_crossentropy_on_a_softmax_over_several_classes_warns(device):
-    with pytest.warns(SetupWarning, match="binary_crossentropy on the softmax output of layer 'dense_1' .* treats each of "
+    with pytest.warns(SetupWarning, match="binary_crossentropy on the softmax output of layer 'dense_1' .* treats "
+                                          "each of "
                                           "its 3 outputs as a separate yes/no question.*categorical_crossentropy"):
         _model(device, pn.Dense(3, "softmax"), loss="binary_crossentropy")
 
@@ -205,6 +206,29 @@ def test_the_same_warning_from_the_same_line_is_shown_once(device):
             model.fit(PIXELS, LABELS, verbose=0)
     assert len([w for w in record if issubclass(w.category, SetupWarning)]) == 1
     assert record[0].filename == __file__  # attributed to the user's line, not to portanet's
+
+
+def test_validation_inputs_scaled_unlike_the_training_inputs_warn(device):
+    model = _model(device, pn.Dense(3, "softmax"), loss="sparse_categorical_crossentropy")
+    scaled = PIXELS.astype(np.float32) / 255
+    with pytest.warns(SetupWarning, match=r"validation x holds values up to 25\d in size but x up to 1: the two are "
+                                          "scaled differently"):
+        model.fit(device.asarray(scaled), LABELS, validation_data=(device.asarray(PIXELS), LABELS), verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SetupWarning)
+        model.fit(scaled, LABELS, validation_data=(scaled[:10], LABELS[:10]), verbose=0)
+
+
+def test_a_memory_map_is_looked_at_through_its_first_rows_only(tmp_path):
+    path = tmp_path / "x.npy"
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(3000, 6))
+    x[:] = 0.5
+    x[2000:] = 1000.0  # beyond the first 1024 rows: not read up front
+    x.flush()
+    model = _model("cpu", pn.Dense(3, "softmax"), loss="sparse_categorical_crossentropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SetupWarning)
+        model.fit(np.load(path, mmap_mode="r"), np.zeros(3000, np.int64) + np.arange(3000) % 3, verbose=0)
 
 
 @pytest.mark.parametrize("activation,low,high", [("sigmoid", 0, 1), ("tanh", -1, 1), ("relu", 0, None)])
