@@ -108,7 +108,7 @@ def check_setup(layers, loss=None, metrics=(), input_dim=None, warn_likely: bool
         warn(f"loss {loss.name!r} on the softmax output of {what} learns slowly and poorly calibrated (its gradient "
              "vanishes where the model is confidently wrong): for one class per sample use "
              "loss='sparse_categorical_crossentropy' (integer labels) or 'categorical_crossentropy' (one-hot rows)")
-    if dropout_last:
+    if dropout_last and out is not None:
         warn("the model ends with Dropout: in training it zeroes outputs the loss then compares with the targets; "
              "put Dropout before the last Dense layer")
     if loss.from_logits and act is not None and act not in _PROBABILITIES:
