@@ -144,8 +144,8 @@ def _check_probability_loss(loss, act, what, width, warn_likely):
             "sigmoid: the loss only pushes the true class up and every output drifts to 1. Use activation='softmax' "
             "(or, for several labels per sample, loss='binary_crossentropy')")
     raise ValueError(
-        f"{loss.name} needs probabilities, but {what} outputs unbounded values (any p > 1 is clipped and stops "
-        f"learning). Use activation={wanted!r} on the last layer, or keep it linear and pass "
+        f"{loss.name} needs probabilities, but {what} outputs values that are not (anything outside [1e-7, 1] is "
+        f"clipped, and stops learning there). Use activation={wanted!r} on the last layer, or keep it linear and pass "
         f"loss=portanet.{type(loss).__name__}(from_logits=True)")
 
 
