@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
+from _cli import example_parser  # examples/_cli.py: --device, --backend, --seed, --threads; imported before
+                                  # numpy and portanet, so --threads reaches BLAS and PyTorch as they load
 
-from _cli import example_parser  # examples/_cli.py: --device, --backend, --seed
+import numpy as np
 
 
 def serve(model_path, images, batch_size=4096):

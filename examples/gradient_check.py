@@ -8,12 +8,13 @@ The checker compares backprop with central finite differences in float64: ~1e-9 
 """
 
 
+from _cli import example_parser  # examples/_cli.py: --device, --backend, --seed, --threads; imported before
+                                  # numpy and portanet, so --threads reaches BLAS and PyTorch as they load
+
 import numpy as np
 
 import portanet as pn
 from portanet.activations import ActivationFunction
-
-from _cli import example_parser  # examples/_cli.py: --device, --backend, --seed
 
 
 class Swish(ActivationFunction):

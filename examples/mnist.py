@@ -14,11 +14,13 @@ import math
 import statistics
 import time
 
+from _cli import example_parser, machine_summary  # examples/_cli.py: --device, --backend, --seed, --threads;
+                                                   # imported before numpy and portanet, so --threads reaches BLAS
+                                                   # and PyTorch as they load
+
 import portanet as pn
 from portanet.callbacks import LearningRateScheduler
 from portanet.datasets import load_mnist
-
-from _cli import example_parser  # examples/_cli.py: --device, --backend, --seed
 
 
 class EpochTimer(pn.Callback):
@@ -79,6 +81,7 @@ def main(argv=None):
     accuracy = history.history["val_accuracy"][-1]
     print(f"test accuracy {accuracy:.2%} after {len(timer.seconds)} epochs; "
           f"median {statistics.median(timer.seconds):.2f} s per epoch on {model.device.name} ({model.backend})")
+    print(f"machine: {machine_summary()}")  # epoch times depend on the processor and the BLAS kernel
     return accuracy
 
 

@@ -9,11 +9,12 @@ Training points are drawn uniformly at random; the error is measured on an even 
 
 import time
 
+from _cli import example_parser  # examples/_cli.py: --device, --backend, --seed, --threads; imported before
+                                  # numpy and portanet, so --threads reaches BLAS and PyTorch as they load
+
 import numpy as np
 
 import portanet as pn
-
-from _cli import example_parser  # examples/_cli.py: --device, --backend, --seed
 
 
 def main(argv=None):

@@ -10,11 +10,12 @@ there); the default seed is one that does not, and one seed gives the same initi
 
 import time
 
+from _cli import example_parser  # examples/_cli.py: --device, --backend, --seed, --threads; imported before
+                                  # numpy and portanet, so --threads reaches BLAS and PyTorch as they load
+
 import numpy as np
 
 import portanet as pn
-
-from _cli import example_parser  # examples/_cli.py: --device, --backend, --seed
 
 X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype="float32")
 Y = np.array([0, 1, 1, 0], dtype="float32")

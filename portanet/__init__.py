@@ -1,8 +1,9 @@
 """portanet: fully connected networks with hand-written, vectorized backprop on any array-API backend."""
 
-from . import (activations, callbacks, data, datasets, distributed, export, initializers, io, layers, losses, metrics,
+from . import (activations, callbacks, checks, data, datasets, distributed, export, initializers, io, layers, losses, metrics,
                optimizers, regularizers, schedules)
 from .backends import Device, resolve_device, to_numpy
+from .checks import SetupWarning
 from .callbacks import (Callback, EarlyStopping, History, LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                         TerminateOnNaN)
 from .distributed import DistributedError
@@ -27,8 +28,8 @@ __all__ = [
     "MeanSquaredError", "MeanAbsoluteError", "Huber", "BinaryCrossentropy", "CategoricalCrossentropy",
     "SparseCategoricalCrossentropy",
     "Callback", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler", "ReduceLROnPlateau",
-    "TerminateOnNaN", "load", "ModelFileError", "export_onnx", "DistributedError",
+    "TerminateOnNaN", "load", "ModelFileError", "export_onnx", "DistributedError", "SetupWarning",
     "Device", "resolve_device", "to_numpy", "check_gradients",
-    "activations", "callbacks", "data", "datasets", "distributed", "export", "initializers", "io", "layers", "losses",
+    "activations", "callbacks", "checks", "data", "datasets", "distributed", "export", "initializers", "io", "layers", "losses",
     "metrics", "optimizers", "regularizers", "schedules",
 ]

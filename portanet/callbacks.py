@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import shutil
 import sys
+import time
 
 from . import io as _io
 from ._owner import Owned
@@ -245,11 +247,23 @@ class ModelCheckpoint(Callback):
         logs = dict.fromkeys(keys, 0.0)
         if self.save_best_only:
             self._monitor.value(logs)
-        self._path(0, logs)
+        self._check_folder(self._path(0, logs))
 
     def on_train_begin(self, logs=None):
         self._monitor.reset()
         self._pending = None
+        try:
+            path = self._path(0, {})
+        except ValueError:  # fields from the logs: the folder is checked when the path is known
+            return
+        self._check_folder(path)
+
+    def _check_folder(self, path):
+        """Before the first epoch: a folder that does not exist would fail only after an epoch of training."""
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"ModelCheckpoint cannot write {path}: the folder {folder} does not exist "
+                                    "(create it before fit)")
 
     def on_epoch_end(self, epoch, logs=None):
         self._pending = None
@@ -365,21 +379,28 @@ class TerminateOnNaN(Callback):
 
 
 class _Progress(Callback):
-    """verbose=1: a tqdm bar per epoch (terminal or notebook) with running loss and metrics; verbose=2: one line
-    per epoch."""
+    """verbose=1: a tqdm bar per epoch (terminal or notebook) with the running loss and metrics, replaced at the end
+    of the epoch by one line with every log; verbose=2: that line only.
+
+    The bar is drawn for the terminal's width, read at each epoch (80 columns where the terminal reports none or
+    0); the epoch's line is printed in full (a narrow terminal wraps it, never cuts it), to stdout.
+    """
 
     _order = 3
 
     def __init__(self, verbose, epochs, steps):
         self.verbose, self.epochs, self.steps = verbose, epochs, steps
         self._bar = None
+        self._start = None
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
         if self.verbose == 1:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", leave=True,
-                             file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", leave=False,
+                             file=sys.stderr, ncols=terminal_columns(),
+                             bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}] {bar}")
 
     def on_batch_end(self, step, loss=None):
         if self._bar is not None:
@@ -387,24 +408,36 @@ class _Progress(Callback):
 
     def on_log(self, step, logs=None):
         if self._bar is not None:
-            self._bar.set_postfix_str(_format(logs))
+            self._bar.set_postfix_str(_format(logs, short=True), refresh=False)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._bar is not None:
-            self._bar.set_postfix_str(_format(logs))
-            self._bar.close()
-            self._bar = None
-        elif self.verbose == 2:
-            print(f"epoch {epoch + 1}/{self.epochs} - {_format(logs)}", flush=True)
+        self._close()
+        seconds = time.perf_counter() - self._start
+        print(f"epoch {epoch + 1}/{self.epochs} - {seconds:.3g}s - {_format(logs)}", flush=True)
 
     def on_train_end(self, logs=None):
-        if self._bar is not None:  # training stopped mid-epoch (TerminateOnNaN)
+        self._close()  # training stopped mid-epoch (TerminateOnNaN)
+
+    def _close(self):
+        if self._bar is not None:
             self._bar.close()
             self._bar = None
 
 
-def _format(logs) -> str:
-    return " - ".join(f"{k}: {v:.4g}" if k == "lr" else f"{k}: {v:.4f}" for k, v in (logs or {}).items())
+def terminal_columns() -> int:
+    """Width of the terminal in columns; 80 where it reports none or 0 (pipes, some IDE consoles and CI logs)."""
+    columns = shutil.get_terminal_size((80, 24)).columns
+    return columns if columns > 0 else 80
+
+
+_SHORT = {"accuracy": "acc", "binary_accuracy": "bin_acc", "top_k_accuracy": "top_k"}
+
+
+def _format(logs, short=False) -> str:
+    """``loss: 0.2345 - accuracy: 0.9312 - ...`` (4 significant digits); ``short``: ``loss 0.2345 acc 0.9312``."""
+    if short:
+        return " ".join(f"{_SHORT.get(k, k)} {v:.4g}" for k, v in (logs or {}).items())
+    return " - ".join(f"{k}: {v:.4g}" for k, v in (logs or {}).items())
 
 
 class CallbackList:

@@ -402,7 +402,7 @@ class Batches:
             y = part[1]
             if y is not None:
                 try:
-                    self.check_targets(y, "y", values=isinstance(y, np.ndarray))
+                    self.check_targets(y, "y", values=isinstance(y, np.ndarray) or self.device.host_memory)
                 except ValueError as exc:
                     raise StreamError(f"batch {i} of {_field(prefix, 'y')}: {exc}") from exc
             yield part

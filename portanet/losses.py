@@ -59,10 +59,22 @@ class Loss:
         if self.sparse:
             _check_labels(y, n_outputs, xp, name, values)
             return
-        if y.ndim == 1 and n_outputs == 1:
-            return
-        if y.ndim != 2 or y.shape[1] != n_outputs:
-            raise ValueError(f"{name} must have shape (samples, {n_outputs}) to match the model's output, got {tuple(y.shape)}")
+        if not (y.ndim == 1 and n_outputs == 1) and (y.ndim != 2 or y.shape[1] != n_outputs):
+            hint = self._shape_hint(y, n_outputs, xp)
+            raise ValueError(f"{name} must have shape (samples, {n_outputs}) to match the model's output, got "
+                             f"{tuple(y.shape)}{hint}")
+        if values:
+            self._check_values(y, xp, name)
+
+    def _shape_hint(self, y, n_outputs, xp) -> str:
+        """A hint for targets of the wrong shape: one integer label per sample for a model with several outputs."""
+        if n_outputs > 1 and (y.ndim == 1 or y.shape[1] == 1) and not xp.isdtype(y.dtype, "real floating"):
+            return ("; y looks like integer class labels: use loss='sparse_categorical_crossentropy' with a softmax "
+                    "output of one unit per class")
+        return ""
+
+    def _check_values(self, y, xp, name) -> None:
+        """Raise ValueError for target values this loss cannot mean (read only where values are read anyway)."""
 
     def target_kind(self) -> str:
         return "int" if self.sparse else "float"
@@ -97,6 +109,13 @@ def _check_labels(y, n_classes, xp, name, values=True):
     lo, hi = xp.min(y), xp.max(y)
     if bool(lo < 0) or bool(hi >= n_classes):
         raise ValueError(f"{name} labels must be in [0, {n_classes}), got values in [{int(lo)}, {int(hi)}]")
+
+
+def _range(y, xp):
+    """``(min, max)`` of ``y`` as Python floats (two device reads)."""
+    if xp.isdtype(y.dtype, "bool"):
+        y = xp.astype(y, xp.int8)
+    return float(xp.min(y)), float(xp.max(y))
 
 
 def _unclipped(p, grad, high, xp):
@@ -169,6 +188,20 @@ class BinaryCrossentropy(Loss):
         p = xp.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez)) if probs is None else probs
         return _mean_over_outputs(e, xp), (p - y) / z.shape[1]
 
+    def _check_values(self, y, xp, name):
+        lo, hi = _range(y, xp)
+        if lo < 0 or hi > 1:
+            if lo == -1 and hi == 1:
+                fix = "map -1/1 labels to 0/1 with (y + 1) / 2"
+            elif hi > 1 and bool(xp.all(y == xp.round(y))):
+                fix = ("for integer class labels use loss='sparse_categorical_crossentropy' with a softmax output of "
+                       "one unit per class")
+            else:
+                fix = "rescale them into [0, 1]"
+            raise ValueError(f"binary_crossentropy targets must be probabilities or 0/1 labels in [0, 1], but {name} "
+                             f"holds values in [{lo:g}, {hi:g}] (the loss would go below 0 and reward confident "
+                             f"wrong answers): {fix}")
+
     def classes(self, n_outputs):
         return 2 if n_outputs == 1 else None
 
@@ -195,6 +228,13 @@ class CategoricalCrossentropy(Loss):
         logp = _log_softmax(z, xp)
         p = xp.exp(logp) if probs is None else probs
         return -xp.sum(y * logp, axis=1), p * xp.sum(y, axis=1, keepdims=True) - y
+
+    def _check_values(self, y, xp, name):
+        lo, hi = _range(y, xp)
+        if lo < 0 or hi > 1:
+            raise ValueError(f"categorical_crossentropy targets must be one-hot rows or probabilities in [0, 1], but "
+                             f"{name} holds values in [{lo:g}, {hi:g}] (negative targets make the loss unbounded "
+                             "below)")
 
     def classes(self, n_outputs):
         return n_outputs

@@ -7,11 +7,13 @@ format in :mod:`portanet.io`. Math goes through the device's namespace ``xp``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import math
 import warnings
 
+from . import checks as _checks
 from . import data as _data
 from . import export as _export
 from . import io as _io
@@ -71,8 +73,17 @@ class Model:
         self._params: ParameterBuffer | None = None
         self._random = None
         self._random_seed = None
-        for layer in layers or []:
-            self.add(layer)
+        added = []
+        try:
+            for layer in layers or []:
+                name = getattr(layer, "name", None)
+                self.add(layer)
+                added.append((layer, name))
+        except BaseException:  # a model that failed to construct owns nothing: its layers can serve another one
+            for layer, name in added:
+                layer.detach()
+                layer.name = name
+            raise
 
     # -- structure ------------------------------------------------------------------------
     @property
@@ -131,6 +142,8 @@ class Model:
         """Raise ValueError when inputs of width ``input_dim`` cannot feed this model (nothing changes)."""
         if not self.layers:
             raise RuntimeError("the model has no layers: add at least one Dense layer")
+        if input_dim < 1:
+            raise ValueError(f"{name} has 0 features (shape (samples, 0)): there is nothing to learn from")
         expected = self.input_dim if self.built else self.layers[0].input_dim
         if expected is not None and input_dim != expected:
             what = "the model expects" if self.built else "the first layer was declared with input_dim="
@@ -142,6 +155,7 @@ class Model:
         self.check_input_dim(input_dim)
         if self.built:
             return self
+        _checks.check_setup(self.layers, self.loss, self.metrics, input_dim, warn_likely=False)
         layout, values, states, dim = [], [], [], input_dim
         for layer in self.layers:
             shapes, state_shapes = layer.param_shapes(dim), layer.state_shapes(dim)
@@ -178,7 +192,8 @@ class Model:
 
     @_on_device
     def set_parameters(self, values: dict) -> None:
-        """Overwrite parameters from ``{name: array}`` (any library/device); names and shapes are checked first."""
+        """Overwrite parameters from ``{name: array}`` (any library/device); names, shapes and finiteness (no NaN or
+        inf) are checked first: on error nothing changes."""
         current = self.parameters()
         if not isinstance(values, dict):
             raise TypeError(f"values must be a dict {{name: array}}, got {type(values).__name__}")
@@ -190,6 +205,8 @@ class Model:
             arr = self._device.asarray(value, self.dtype)
             if tuple(arr.shape) != tuple(current[name].shape):
                 raise ValueError(f"parameter {name} must have shape {tuple(current[name].shape)}, got {tuple(arr.shape)}")
+            if not bool(self.xp.all(self.xp.isfinite(arr))):
+                raise ValueError(f"parameter {name} holds NaN or inf; every value must be finite")
             moved[name] = arr
         for name, arr in moved.items():
             current[name][...] = arr
@@ -201,13 +218,21 @@ class Model:
     # -- compile ---------------------------------------------------------------------------
     def compile(self, loss, optimizer="adam", metrics=None) -> "Model":
         """Choose the loss (required), optimizer and metrics. Calling it again keeps the trained weights (a new
-        optimizer state unless the same optimizer object is passed). An optimizer object serves one model only."""
+        optimizer state unless the same optimizer object is passed). An optimizer object serves one model only.
+
+        The output layer is checked against the loss and metrics (:func:`portanet.checks.check_setup`): a setup that
+        cannot learn raises ValueError, a likely mistake warns (:class:`~portanet.checks.SetupWarning`). On error
+        the previous loss, optimizer and metrics stay in place."""
+        if loss is None:
+            raise TypeError("compile() needs a loss: a name such as 'sparse_categorical_crossentropy' or 'mse', a "
+                            "config dict or a Loss, got None")
         loss_obj = _losses.get(loss)
         opt = _optimizers.get(optimizer)
         if metrics is not None and not isinstance(metrics, (list, tuple)):
             raise TypeError(f"metrics must be a list, got {type(metrics).__name__}: write metrics=[{metrics!r}]")
         mets = [_metrics.get(m) for m in (metrics or [])]
         _metrics.check_names(mets)
+        _checks.check_setup(self.layers, loss_obj, mets, self.input_dim)
         opt.attach(self, f"optimizer {type(opt).__name__}")
         if self.optimizer is not None and self.optimizer is not opt:
             self.optimizer.detach()
@@ -299,8 +324,10 @@ class Model:
         sample_weight = None if sample_weight is None else _data.check_array(sample_weight, "sample_weight", ndim=(1,))
         _data.check_lengths(x=x, y=y, sample_weight=sample_weight)
         self.check_input_dim(x.shape[1])
-        if y is not None:  # label ranges are read back only for host data: no device sync per custom-loop step
-            self.check_targets(y, x.shape[1], values=is_host_data(y))
+        if y is not None:  # target values are read back only where that costs no device sync
+            self.check_targets(y, x.shape[1], values=is_host_data(y) or self._device.host_memory)
+        for name, a in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+            self._check_here(a, name)
         self.build(x.shape[1])
         return (self._here(x, "x", self.dtype),
                 None if y is None else self._here(y, "y", "int64" if self.loss.sparse else self.dtype),
@@ -311,8 +338,12 @@ class Model:
         self.loss.check_targets(y, self.output_width(input_dim or self.input_dim), name, values=values)
 
     def _here(self, a, name, dtype):
-        if self._device.owns(a) or is_host_data(a):
-            return self._device.asarray(a, dtype)
+        self._check_here(a, name)
+        return self._device.asarray(a, dtype)
+
+    def _check_here(self, a, name):
+        if a is None or self._device.owns(a) or is_host_data(a):
+            return
         raise ValueError(
             f"{name} lives on {_describe(a)} but the model is on {self._device.name}; move it explicitly "
             f"(portanet.to_numpy({name}) or model.device.asarray({name})) or use fit/evaluate/predict, which stream it")
@@ -340,13 +371,35 @@ class Model:
     # -- fit / evaluate / predict ----------------------------------------------------------
     @_on_device
     def fit(self, x, y=None, **kwargs):
-        """Train; see :func:`portanet.training.fit` for the arguments. Returns a :class:`~portanet.History`."""
-        return _training.fit(self, x, y, **kwargs)
+        """Train; see :func:`portanet.training.fit` for the arguments. Returns a :class:`~portanet.History`.
+
+        When the data fails while it is read (:class:`~portanet.data.StreamError`), a model that was not built
+        before the call is not built after it."""
+        with self._unbuilt_on(_data.StreamError):
+            return _training.fit(self, x, y, **kwargs)
 
     @_on_device
     def evaluate(self, x, y=None, **kwargs) -> dict:
-        """Mean loss and metrics; see :func:`portanet.training.evaluate`."""
-        return _training.evaluate(self, x, y, **kwargs)
+        """Mean loss and metrics; see :func:`portanet.training.evaluate`. Builds an unbuilt model (its initial
+        weights, the same a later ``fit`` would draw); when it raises, the model is as it was, unbuilt included."""
+        with self._unbuilt_on(BaseException):
+            return _training.evaluate(self, x, y, **kwargs)
+
+    @contextlib.contextmanager
+    def _unbuilt_on(self, errors):
+        """An unbuilt model that a call builds is unbuilt again, with its host generator as before the call, when
+        the call raises one of ``errors``."""
+        if self.built:
+            yield
+            return
+        rng = self.rng.bit_generator.state
+        try:
+            yield
+        except errors:
+            if self.built:
+                self._params = self._random = self._random_seed = self.input_dim = None
+                self.rng.bit_generator.state = rng
+            raise
 
     @_on_device
     def predict(self, x, *, batch_size=1024, to_numpy=False):
@@ -407,15 +460,17 @@ class Model:
         target = move_target(self._device, device, backend)
         if target == self._device and target.backend == self._device.backend:
             return self
-        params = self._params.to(target) if self.built else None
-        if self.optimizer is not None:
-            self.optimizer.to(target)
-        self._device = target
-        if params is not None:
+        params = random = None
+        if self.built:  # everything is prepared on the target first; the model changes only when all of it worked
+            params = self._params.to(target)
             random_state = self._random.get_state()
             random = target.random_source(self._random_seed)
             if random_state is not None:
                 random.set_state(random_state)  # continues its stream where the library can export it
+        if self.optimizer is not None:
+            self.optimizer.to(target)
+        self._device = target
+        if params is not None:
             self._install(params, random)
         return self
 
@@ -566,7 +621,9 @@ class Model:
         model = cls([_layers.get(layer) for layer in config["layers"]], device=device, backend=backend,
                     dtype=config["dtype"])
         if config.get("loss") is not None:
-            model.compile(config["loss"], config.get("optimizer") or "adam", config.get("metrics") or [])
+            with warnings.catch_warnings():  # advice is for the person who compiled it, not everyone who loads it
+                warnings.simplefilter("ignore", _checks.SetupWarning)
+                model.compile(config["loss"], config.get("optimizer") or "adam", config.get("metrics") or [])
         return model
 
 

@@ -178,6 +178,10 @@ class Optimizer(Owned):
         return {"iterations": self.iterations, "slots": dict(self.state)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take back a :meth:`state_dict`; the state of an optimizer that has not stepped yet (no slots) resets it."""
+        if not state.get("slots") and int(state["iterations"]) == 0:  # slots are created at the first step
+            self.iterations, self.state = 0, {}
+            return
         missing = set(self.slots) - set(state.get("slots", {}))
         if missing:
             raise ValueError(f"optimizer state for {self.name} is missing slots {sorted(missing)}")
@@ -186,11 +190,13 @@ class Optimizer(Owned):
 
     def to(self, device) -> "Optimizer":
         """Move the slot arrays and the decay mask to ``device`` (a :class:`portanet.Device`); the moved arrays
-        never alias the old ones."""
+        never alias the old ones. Everything is copied before anything is replaced: on error nothing moves."""
         with device.scope():
-            self.state = {k: device.copy(device.asarray(v)) for k, v in self.state.items()}
-            if self._decay_mask is not None:
-                self._decay_mask, self._decay_mask_cast = device.copy(device.asarray(self._decay_mask)), None
+            state = {k: device.copy(device.asarray(v)) for k, v in self.state.items()}
+            mask = None if self._decay_mask is None else device.copy(device.asarray(self._decay_mask))
+        self.state = state
+        if mask is not None:
+            self._decay_mask, self._decay_mask_cast = mask, None
         return self
 
     def __getstate__(self):

@@ -18,6 +18,7 @@ import weakref
 
 import array_api_compat
 
+from . import checks as _checks
 from . import data as _data
 from . import io as _io
 from .backends import is_host_data, to_numpy
@@ -53,6 +54,8 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
     it was before the call. A NaN or inf loss stops training with FloatingPointError naming the epoch and step;
     the model keeps its last finite weights (``callbacks=[TerminateOnNaN()]`` stops without raising). Ctrl-C
     (KeyboardInterrupt) ends training after the current step: completed steps are kept, with a consistent optimizer.
+    Data the model will likely learn badly from (unscaled inputs, targets the output cannot reach, labels sorted by
+    class without shuffling) gives a :class:`~portanet.checks.SetupWarning` with the fix.
     """
     # -- check everything; nothing changes and nothing is drawn until the model is built below
     _require_compiled(model, "fit()")
@@ -80,6 +83,7 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
         if bad:
             raise ValueError(f"{bad[0]} holds NaN or inf (the first in row {bad[1]}); training on it would turn the "
                              "weights into NaN: clean or impute the data first")
+    _checks.check_training_data(model, train, shuffle, val)
     _check_monitors(model, user_callbacks, validation=val is not None or bool(fraction))
     checkpoint = None if resume_from is None else _io.read_checkpoint(resume_from, model, train.width)
     with _running_lock:
@@ -188,7 +192,7 @@ def _check_model_fits(model, source, width=None):
         raise ValueError(f"{prefix}x has {source.width} features but x has {width}")
     model.check_input_dim(source.width, f"{prefix}x")
     targets = source.first_targets()
-    values = isinstance(source, _data.ArrayAdapter) or is_host_data(targets)
+    values = isinstance(source, _data.ArrayAdapter) or is_host_data(targets) or model.device.host_memory
     model.check_targets(targets, source.width, f"{prefix}y", values=values)
 
 

@@ -1,6 +1,7 @@
 """Callbacks: History and its plot, progress display, EarlyStopping, ModelCheckpoint, learning-rate schedules,
 TerminateOnNaN, and the order they run in."""
 
+import re
 import sys
 
 import numpy as np
@@ -81,13 +82,58 @@ def test_verbose_2_prints_one_line_per_epoch(capsys):
     _model().fit(X, Y, epochs=2, validation_data=(X, Y), verbose=2)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
-    assert lines[1].startswith("epoch 2/2 - loss: ") and "val_accuracy: " in lines[1]
+    assert re.match(r"epoch 2/2 - [\d.e+-]+s - loss: ", lines[1]) and "val_accuracy: " in lines[1]
 
 
-def test_verbose_1_draws_a_progress_bar_per_epoch_with_the_running_loss(capsys):
+def test_verbose_1_draws_a_progress_bar_per_epoch_then_a_line_with_every_log(capsys):
     _model().fit(X, Y, epochs=2, batch_size=10, verbose=1)
-    err = capsys.readouterr().err
-    assert "epoch 1/2" in err and "epoch 2/2" in err and "6/6" in err and "loss: " in err and "accuracy: " in err
+    out, err = capsys.readouterr()
+    assert "epoch 1/2: 0/6" in err and "epoch 2/2: 0/6" in err  # drawn at each epoch's start, then redrawn
+    assert [line.split(" - ")[0] for line in out.splitlines()] == ["epoch 1/2", "epoch 2/2"]
+    assert "loss: " in out and "accuracy: " in out
+
+
+def _frames(err):
+    """Every state of the bar as the terminal shows it (tqdm redraws a line after each carriage return)."""
+    return [frame for line in err.split("\n") for frame in line.split("\r") if frame.strip()]
+
+
+def _fit_with_many_metrics(verbose=1):
+    model = _model()
+    model.compile("sparse_categorical_crossentropy", pn.SGD(lr=0.01),
+                  metrics=["accuracy", pn.metrics.TopKAccuracy(k=1), "mse", "mae"])
+    return model.fit(X, Y, epochs=2, batch_size=5, validation_data=(X, Y), verbose=verbose)
+
+
+@pytest.mark.parametrize("columns", ["80", "40"])
+def test_a_narrow_terminal_shows_every_metric_and_no_bar_wider_than_the_terminal(capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", columns)
+    history = _fit_with_many_metrics()
+    out, err = capsys.readouterr()
+    frames = _frames(err)
+    assert frames and all(len(frame) <= int(columns) for frame in frames)
+    lines = out.splitlines()
+    for epoch, line in enumerate(lines):
+        for key, values in history.history.items():  # the validation metrics too, in full
+            assert f"{key}: {values[epoch]:.4g}" in line
+
+
+def test_a_terminal_that_reports_0_columns_gets_an_80_column_bar(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "0")
+    monkeypatch.setattr("os.get_terminal_size", lambda *args: __import__("os").terminal_size((0, 0)))
+    assert pn.callbacks.terminal_columns() == 80
+    _fit_with_many_metrics()
+    frames = _frames(capsys.readouterr().err)
+    assert any(frame.startswith("epoch 1/2: 0/12 [") for frame in frames)
+    assert all(len(frame) <= 80 for frame in frames)
+
+
+def test_small_and_large_values_keep_four_significant_digits(capsys):
+    pn.callbacks._Progress(2, 1, 1).on_epoch_begin(0)
+    progress = pn.callbacks._Progress(2, 1, 1)
+    progress.on_epoch_begin(0)
+    progress.on_epoch_end(0, {"loss": 1.5678e-4, "mse": 12345.678, "accuracy": 0.93125})
+    assert "loss: 0.0001568 - mse: 1.235e+04 - accuracy: 0.9313" in capsys.readouterr().out
 
 
 def test_verbose_1_reads_the_running_loss_about_twenty_times_per_epoch():

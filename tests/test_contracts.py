@@ -172,3 +172,61 @@ def test_a_model_copies_and_pickles_with_weights_optimizer_state_and_device(devi
 def test_device_equality_and_hash_agree_with_its_name(device):
     assert device == device.name and hash(device) == hash(device.name)
     assert {device.name: 1}.get(device) == 1
+
+
+# -- small API edges -------------------------------------------------------------------------------------------------
+def test_a_single_layer_instead_of_a_list_is_a_type_error_showing_the_list():
+    with pytest.raises(TypeError, match=r"got a single Dense: write Model\(\[Dense\(...\)\]\)"):
+        pn.Model(pn.Dense(3))
+
+
+def test_a_single_callback_instead_of_a_list_is_a_type_error_showing_the_list():
+    with pytest.raises(TypeError, match=r"got a single EarlyStopping: write callbacks=\[EarlyStopping\(...\)\]"):
+        _model().fit(X, Y, callbacks=pn.EarlyStopping(monitor="loss"), verbose=0)
+
+
+def test_compile_requires_a_loss():
+    model = pn.Model([pn.Dense(2, "softmax")])
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'loss'"):
+        model.compile()
+    with pytest.raises(TypeError, match="compile\\(\\) needs a loss: .*got None"):
+        model.compile(None, "adam")
+    assert model.loss is None and model.optimizer is None
+
+
+@pytest.mark.parametrize("save", ["save", "save_weights", "checkpoint"])
+def test_saving_into_a_missing_folder_names_the_users_path_before_training(tmp_path, save):
+    path = tmp_path / "no" / "such" / "m.safetensors"
+    model = _model()
+    if save == "checkpoint":  # found before the first epoch, not after it
+        with pytest.raises(FileNotFoundError, match=f"cannot write {path}: the folder {path.parent} does not exist"):
+            model.fit(X, Y, epochs=3, verbose=0, callbacks=[pn.ModelCheckpoint(path)])
+        assert not model.built
+        return
+    model.build(X.shape[1])
+    with pytest.raises(FileNotFoundError, match=f"cannot write {path}: the folder {path.parent} does not exist"):
+        getattr(model, save)(path)
+
+
+def test_a_checkpoint_folder_is_checked_before_training_with_a_users_callback_too(tmp_path):
+    path = tmp_path / "missing" / "ckpt.safetensors"
+    model = _model()
+    with pytest.raises(FileNotFoundError, match="the folder .*missing does not exist"):
+        model.fit(X, Y, epochs=3, verbose=0, callbacks=[pn.Callback(), pn.ModelCheckpoint(path)])
+    assert model.optimizer.iterations == 0
+
+
+def test_check_gradients_samples_32_elements_of_each_parameter_by_default(monkeypatch):
+    seen = {}
+    original = pn.gradcheck.numerical_gradients
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.update({name: len(idx) for name, (idx, _) in result.items()})
+        return result
+
+    monkeypatch.setattr(pn.gradcheck, "numerical_gradients", spy)
+    model = pn.Model([pn.Dense(40, "tanh"), pn.Dense(3, "softmax")], seed=0).compile("sparse_categorical_crossentropy")
+    errors = pn.check_gradients(model, X[:8], Y[:8])
+    assert seen == {"dense_0.kernel": 32, "dense_0.bias": 32, "dense_1.kernel": 32, "dense_1.bias": 3}
+    assert max(errors.values()) < 1e-6

@@ -44,10 +44,43 @@ def _number(pattern, text) -> float:
     return float(match.group(1))
 
 
+def test_the_readme_quickstart_runs_as_pasted_on_a_machine_without_a_gpu(tmp_path):
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
+    script = tmp_path / "quickstart.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            cwd=EXAMPLES.parent)
+    assert result.returncode == 0, result.stderr
+    assert "epoch 5/5 - " in result.stdout and "'accuracy': " in result.stdout
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_example_documents_device_and_backend_in_its_help(script):
+def test_every_example_documents_device_backend_and_threads_in_its_help(script):
     out = run_example(script, "--help")
-    assert "--device" in out and "--backend" in out
+    assert "--device" in out and "--backend" in out and "--threads N" in out
+
+
+@pytest.mark.parametrize("form", [["--threads", "1"], ["--threads=1"]])
+def test_threads_option_sets_blas_and_pytorch_threads_before_they_load(form):
+    """What an example does: import _cli first, then numpy and torch; both must run one thread."""
+    pytest.importorskip("threadpoolctl", reason="reading BLAS's thread count needs threadpoolctl (the bench extra)")
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    code = ("import sys; sys.path.insert(0, 'examples'); import _cli; import numpy, torch; "
+            "from threadpoolctl import threadpool_info; "
+            "print(sorted({p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'}), "
+            "torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", code, *form], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=EXAMPLES.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[1]", "1"]
+
+
+def test_threads_must_be_a_positive_integer():
+    result = subprocess.run([sys.executable, str(EXAMPLES / "xor.py"), "--threads", "0"], capture_output=True,
+                            text=True, timeout=120, cwd=EXAMPLES.parent)
+    assert result.returncode == 2 and "--threads: must be a positive integer, got '0'" in result.stderr
 
 
 def test_xor_example_learns_the_whole_truth_table_with_its_defaults():
@@ -94,9 +127,11 @@ def test_mnist_example_trains_on_a_subset_with_a_progress_bar(mnist_dir):
                              "--data-dir", str(mnist_dir)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "training on 2000 images, testing on 10000" in result.stdout
-    assert "epoch 2/2" in result.stderr and "batch" in result.stderr  # the tqdm bar
+    assert "epoch 2/2: " in result.stderr  # the tqdm bar, then the epoch's line with every log
+    assert re.search(r"^epoch 2/2 - [\d.e+-]+s - loss: .* - val_accuracy: ", result.stdout, re.M)
     assert _number(r"test accuracy ([\d.]+)% after 2 epochs", result.stdout) > 80
     assert re.search(r"median [\d.]+ s per epoch on cpu \(numpy\)", result.stdout)
+    assert re.search(r"^machine: .+ \(\d+ cores\); ", result.stdout, re.M)  # what the epoch time depends on
 
 
 def test_mnist_example_runs_on_each_backend(device, mnist_dir):

@@ -7,6 +7,10 @@ import pytest
 import portanet as pn
 from portanet import to_numpy
 
+# Some cases are deliberate likely-mistakes (mse on a softmax, accuracy at 0.5 on logits): metrics must still report
+# exactly what predict returns, and the SetupWarning they give is tested in test_mistakes.py.
+pytestmark = pytest.mark.filterwarnings("ignore::portanet.SetupWarning")
+
 RNG = np.random.default_rng(0)
 N, FEATURES, CLASSES = 97, 5, 4
 X = RNG.standard_normal((N, FEATURES)).astype(np.float32)

@@ -102,6 +102,20 @@ def test_missing_state_slots_are_reported():
         pn.Adam().load_state_dict({"iterations": 1, "slots": {"m": np.zeros(2)}})
 
 
+def test_the_state_of_an_optimizer_that_never_stepped_resets_it(device):
+    """A snapshot taken before the first step (fit's rollback on a fresh model) has no slots yet: restoring it must
+    give an optimizer that steps like a new one, not raise."""
+    params = device.asarray(np.ones(3), "float64")
+    fresh, used = pn.Adam(learning_rate=0.1), pn.Adam(learning_rate=0.1)
+    used.step(params, device.asarray(np.ones(3), "float64"))
+    used.load_state_dict(fresh.state_dict())
+    assert used.iterations == 0 and used.state == {}
+    a, b = device.copy(params), device.copy(params)
+    for opt, p in ((fresh, a), (used, b)):
+        opt.step(p, device.asarray(np.arange(3.0), "float64"))
+    np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
 def test_learning_rate_can_change_between_steps():
     opt = pn.SGD(lr=1.0)
     p = np.zeros(2)

@@ -26,7 +26,8 @@ BACKENDS = {name: where for name, where in {
 
 
 def make_model(seed, where):
-    model = pn.Model([pn.Dense(6, activation="tanh"), pn.Dense(3)], dtype="float64", seed=seed, **where)
+    model = pn.Model([pn.Dense(6, activation="tanh"), pn.Dense(3, activation="softmax")], dtype="float64", seed=seed,
+                     **where)
     model.compile(loss="sparse_categorical_crossentropy", optimizer="adam")
     return model.build(4)
 
