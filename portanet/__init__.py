@@ -10,7 +10,7 @@ from .distributed import DistributedError
 from .export import export_onnx
 from .gradcheck import check_gradients
 from .io import ModelFileError
-from .layers import Activation, Dense, Dropout
+from .layers import Activation, BatchNormalization, Dense, Dropout, LayerNormalization
 from .losses import (BinaryCrossentropy, CategoricalCrossentropy, Huber, MeanAbsoluteError, MeanSquaredError,
                      SparseCategoricalCrossentropy)
 from .model import Model, load
@@ -21,7 +21,7 @@ from .schedules import (CosineDecay, CosineDecayRestarts, ExponentialDecay, Inve
 __version__ = "0.1.0"
 
 __all__ = [
-    "Model", "Dense", "Dropout", "Activation",
+    "Model", "Dense", "Dropout", "Activation", "LayerNormalization", "BatchNormalization",
     "SGD", "Adam", "AdamW", "RMSprop",
     "LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay", "PolynomialDecay", "InverseTimeDecay",
     "CosineDecay", "CosineDecayRestarts", "OneCycle",

@@ -315,7 +315,7 @@ class LearningRateScheduler(Callback):
         optimizer.lr = lr
 
     def on_epoch_end(self, epoch, logs=None):
-        logs["lr"] = self.model.optimizer.lr
+        logs.setdefault("lr", self.model.optimizer.lr)  # fit logs it already: the rate of the epoch's last step
 
 
 class ReduceLROnPlateau(Callback):
@@ -345,7 +345,7 @@ class ReduceLROnPlateau(Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         optimizer = self.model.optimizer
-        logs["lr"] = optimizer.lr
+        logs.setdefault("lr", optimizer.lr)  # fit logs it already: the rate of the epoch's last step
         improved = self._monitor.improved(self._monitor.value(logs))
         if self.cooldown_left > 0:  # a cooldown epoch never counts towards patience
             self.cooldown_left -= 1

@@ -1,8 +1,8 @@
 """Export a built model to one ONNX file that ONNX Runtime (server, phone, browser) runs without portanet.
 
-A feature on top of the core: it reads only the model's public API (``layers``, ``parameters()``, ``dtype``,
-``get_config()``) and never imports a backend; ``onnx`` is imported inside :func:`export_onnx`, so
-``import portanet`` does not need it (``pip install "portanet[onnx]"`` adds it).
+A feature on top of the core: it reads only the model's public API (``layers``, ``parameters()``,
+``parameter_buffer.states()``, ``dtype``, ``get_config()``) and never imports a backend; ``onnx`` is imported inside
+:func:`export_onnx`, so ``import portanet`` does not need it (``pip install "portanet[onnx]"`` adds it).
 
 **How the graph is built, and why.** The graph is written node by node with ``onnx.helper``; it is not traced by
 running the model's own forward through an ONNX-backed array namespace (ndonnx). Tracing would add a dependency
@@ -22,6 +22,10 @@ ONNX Runtime at every opset from :data:`MIN_OPSET` to :data:`MAX_OPSET`)::
     Dense          Gemm(x, kernel[, bias]); kernel (in, units) as an initializer named like the parameter
     Dropout        nothing (identity at inference)
     Activation     its activation, below
+    LayerNorm.     d = x - ReduceMean(x, axis 1); xhat = d * (1 / Sqrt(ReduceMean(d * d, axis 1) + epsilon));
+                   xhat * gamma + beta   (portanet's operations in its order)
+    BatchNorm.     xhat = (x - moving_mean) * (1 / Sqrt(moving_variance + epsilon)); xhat * gamma + beta
+                   (inference: the moving statistics, initializers named like the state entries)
     linear         nothing
     relu           Relu
     leaky_relu     Where(z > 0, z, alpha * z)
@@ -49,8 +53,9 @@ with the :class:`OnnxGraph` it receives::
         def to_onnx(self, graph, x):
             return graph.op("Mul", x, graph.sigmoid(x))
 
-Anything else that has no mapping (an activation without ``to_onnx``, a layer class other than Dense, Dropout and
-Activation, subclasses included, since they may change the forward) raises :class:`ExportError` naming the layer.
+Anything else that has no mapping (an activation without ``to_onnx``, a layer class other than Dense, Dropout,
+Activation, LayerNormalization and BatchNormalization, subclasses included, since they may change the forward)
+raises :class:`ExportError` naming the layer.
 
 **Opsets.** :data:`DEFAULT_OPSET` (21) is what onnx 1.16 writes and ONNX Runtime 1.18 and later run, so a default
 export serves on runtimes two years old; any opset from :data:`MIN_OPSET` (13: Softmax over one axis) to
@@ -171,6 +176,16 @@ class OnnxGraph:
         return self.op("Where", self.op("Equal", u, self.constant(1.0)), x, finite)
 
     # -- used by export_onnx ---------------------------------------------------------------------------------------
+    def _reduce_mean(self, x: str, axis: int) -> str:
+        """Mean of ``x`` over ``axis``, the axis kept (ReduceMean; its axes became an input in opset 18)."""
+        if self.opset < 18:
+            return self.op("ReduceMean", x, axes=[axis], keepdims=1)
+        name = f"const/axes[{axis}]"
+        if not self.has(name):
+            self._initializers.append(self._onnx.numpy_helper.from_array(np.asarray([axis], dtype=np.int64), name))
+            self._values.add(name)
+        return self.op("ReduceMean", x, name, keepdims=1)
+
     @contextlib.contextmanager
     def _scoped(self, name: str):
         outer, self._scope = self._scope, name
@@ -265,10 +280,39 @@ def _dense(graph, layer, x, param):
     return _activation(graph, layer, layer.activation, graph.op("Gemm", *inputs))
 
 
+def _standardize(graph, layer, d, var):
+    """d * (1 / sqrt(var + epsilon)), as ``_Normalization._standardize``."""
+    inv = graph.op("Div", graph.constant(1.0), graph.op("Sqrt", graph.op("Add", var, graph.constant(layer.epsilon))))
+    return graph.op("Mul", d, inv)
+
+
+def _affine(graph, layer, xhat, param):
+    """xhat * gamma + beta, each part only when the layer learns it."""
+    if layer.scale:
+        xhat = graph.op("Mul", xhat, graph._add_initializer(f"{layer.name}.gamma", param("gamma")))
+    if layer.center:
+        xhat = graph.op("Add", xhat, graph._add_initializer(f"{layer.name}.beta", param("beta")))
+    return xhat
+
+
+def _layer_normalization(graph, layer, x, param):
+    d = graph.op("Sub", x, graph._reduce_mean(x, 1))
+    var = graph._reduce_mean(graph.op("Mul", d, d), 1)
+    return _affine(graph, layer, _standardize(graph, layer, d, var), param)
+
+
+def _batch_normalization(graph, layer, x, param):
+    mean = graph._add_initializer(f"{layer.name}.moving_mean", param("moving_mean"))
+    var = graph._add_initializer(f"{layer.name}.moving_variance", param("moving_variance"))
+    return _affine(graph, layer, _standardize(graph, layer, graph.op("Sub", x, mean), var), param)
+
+
 _LAYER_BUILDERS = {
     _layers.Dense: _dense,
     _layers.Dropout: lambda graph, layer, x, param: x,
     _layers.Activation: lambda graph, layer, x, param: _activation(graph, layer, layer.activation, x),
+    _layers.LayerNormalization: _layer_normalization,
+    _layers.BatchNormalization: _batch_normalization,
 }
 
 
@@ -303,7 +347,8 @@ def export_onnx(model, path, opset=None) -> str:
     """Write ``model`` (built, any backend or device) to the ONNX file ``path``; returns the path as a string.
 
     The graph takes ``"input"`` of shape (batch, input_dim) in the model's dtype (float32 or float64; the batch
-    size is free) and returns ``"output"`` (batch, output_dim), the values ``model.predict`` gives. The file's
+    size is free) and returns ``"output"`` (batch, output_dim), the values ``model.predict`` gives (dropout off,
+    BatchNormalization with its moving statistics). The file's
     metadata_props hold ``portanet_version`` and ``portanet_config`` (``model.get_config()`` as JSON); its
     producer is "portanet". ``opset``: from :data:`MIN_OPSET` to :data:`MAX_OPSET`, default :data:`DEFAULT_OPSET`.
     The graph passes ``onnx.checker.check_model(full_check=True)`` before it is written, atomically (a temporary
@@ -325,7 +370,7 @@ def export_onnx(model, path, opset=None) -> str:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist")
 
-    params = model.parameters()
+    params = {**model.parameters(), **model.parameter_buffer.states()}  # BatchNormalization's moving statistics too
     size = sum(math.prod(p.shape) for p in params.values()) * np.dtype(model.dtype).itemsize
     if size > _MAX_BYTES:
         raise ExportError(f"the model's parameters take {size / 2**30:.2f} GB; one ONNX file holds at most 2 GB "

@@ -47,8 +47,9 @@ def check_gradients(model, x, y, eps: float = 1e-6, max_per_param: int | None = 
     The error of a parameter is ``|g - n| / max(|g| + |n|, 1e-12)`` over its checked elements, with the norms
     taken over the elements (the usual gradient-check measure); below ~1e-6 the backprop is right.
     ``max_per_param``: elements sampled per parameter (default 32, chosen with ``seed``; None checks every element,
-    which takes two forward passes per weight: hours for an MNIST-sized model). Dropout is off
-    (``training=False``); the model itself is not modified.
+    which takes two forward passes per weight: hours for an MNIST-sized model). Inference mode (``training=False``):
+    dropout is off and BatchNormalization uses its moving statistics; the loss includes the layers' regularization
+    penalties. The model itself is not modified.
     """
     ref = model.copy(dtype="float64")
     if ref.loss is None:

@@ -73,6 +73,8 @@ class Model:
         self._params: ParameterBuffer | None = None
         self._random = None
         self._random_seed = None
+        self._state_updates: list = []  # computed by compute_gradients, written by apply_gradients
+        self._bound_rules = None  # the optimizer's decay rules the current decay mask was built from
         added = []
         try:
             for layer in layers or []:
@@ -114,7 +116,8 @@ class Model:
     def add(self, layer) -> "Model":
         """Append ``layer``; a layer belongs to one model only (ValueError otherwise)."""
         if not isinstance(layer, _layers.Layer):
-            raise TypeError(f"layer must be a portanet Layer (Dense, Dropout, Activation), got {type(layer).__name__}")
+            raise TypeError("layer must be a portanet Layer (Dense, Dropout, Activation, LayerNormalization, "
+                            f"BatchNormalization), got {type(layer).__name__}")
         if self.built:
             raise RuntimeError("cannot add layers to a model that is already built (it has trained or seen data)")
         name = layer.name
@@ -180,6 +183,30 @@ class Model:
             p, g, s = views[layer.name]
             layer.bind(self.xp, p, g, s, random_source, kernels)
         self._need_input_grad = [any(l.param_shapes(1) for l in self.layers[:i]) for i in range(len(self.layers))]
+        self._regularized = [layer for layer in self.layers if layer.penalties()]
+        self._stateful = [(i, layer) for i, layer in enumerate(self.layers) if layer.state]
+        self._state_updates = []
+        self._bind_optimizer()
+
+    def _bind_optimizer(self) -> None:
+        """Tell the optimizer where each parameter tensor lies (``clipnorm``) and which entries weight decay
+        applies to (each layer's default, kernels only, overridden by the optimizer's include / exclude rules).
+        Runs whenever the optimizer is compiled in or the buffer is built or moved, and before a step after the
+        optimizer's rules changed."""
+        opt, params = self.optimizer, self._params
+        if opt is None or params is None:
+            return
+        segments = [(offset, size) for _, offset, size, _ in params.segments()]
+        opt.set_segments(segments or None)
+        defaults = {f"{layer.name}.{key}": layer.decays_by_default(key)
+                    for layer in self.layers for key in layer.params}
+        opt.set_decay_mask(params.mask(lambda name: opt.uses_weight_decay(name, defaults[name])) if segments else None)
+        self._bound_rules = opt.decay_rules
+
+    @property
+    def min_training_rows(self) -> int:
+        """The fewest rows a training batch may have (2 with a BatchNormalization layer, else 1)."""
+        return max((layer.min_training_rows for layer in self.layers), default=1)
 
     def _require_built(self, what):
         if not self.built:
@@ -237,6 +264,7 @@ class Model:
         if self.optimizer is not None and self.optimizer is not opt:
             self.optimizer.detach()
         self.loss, self.optimizer, self.metrics = loss_obj, opt, mets
+        self._bind_optimizer()
         return self
 
     @property
@@ -283,12 +311,22 @@ class Model:
             per, grad = loss.per_sample(out, y, xp)
         return _losses.reduce(per, grad, xp, sample_weight)
 
+    def _penalty(self, loss, accumulate_grads):
+        """``loss`` plus the layers' regularization penalties (their gradients added to the gradient buffer with
+        ``accumulate_grads``), all on the device."""
+        for layer in self._regularized:
+            loss = loss + layer.regularization(accumulate_grads)
+        return loss
+
     @_on_device
     def compute_gradients(self, x, y, sample_weight=None, training=True):
         """Forward, loss and backward for one device batch; fills the gradient buffer.
 
-        x: (batch, in) and y on the model's device. Returns ``(loss, output)``: the 0-d batch loss and the output
-        (batch, out), exactly what predict returns for x (dropout on when ``training``).
+        x: (batch, in) and y on the model's device. Returns ``(loss, output)``: the 0-d batch loss (the layers'
+        regularization penalties included) and the output (batch, out), exactly what predict returns for x
+        (dropout on and batch statistics for BatchNormalization when ``training``). The non-trainable state a
+        training forward moves to (BatchNormalization's moving statistics) is kept for :meth:`apply_gradients` to
+        write: nothing in the model changes here.
         """
         out, logits, caches = self._forward(x, training, keep_caches=True)
         loss, grad = self._loss(out, logits, y, sample_weight)
@@ -296,18 +334,29 @@ class Model:
         for i in range(last, -1, -1):
             fused = {"fused": True} if logits is not None and i == last else {}
             grad = self.layers[i].backward(grad, caches[i], self._need_input_grad[i], **fused)
+        loss = self._penalty(loss, accumulate_grads=True)
+        self._state_updates = [(layer, layer.updated_state(caches[i])) for i, layer in self._stateful] \
+            if training else []
         return loss, out
 
     @_on_device
     def apply_gradients(self) -> None:
-        """One optimizer step from the gradient buffer (filled by :meth:`compute_gradients`)."""
+        """One optimizer step from the gradient buffer (filled by :meth:`compute_gradients`), then the
+        non-trainable state of that training forward is written (BatchNormalization's moving statistics)."""
+        if self.optimizer.decay_rules is not self._bound_rules:
+            self._bind_optimizer()
         self.optimizer.step(self._params.values, self._params.grads, fast=self._device.kernels)
+        updates, self._state_updates = self._state_updates, []
+        for layer, values in updates:
+            for key, value in values.items():
+                layer.state[key][...] = value
 
     @_on_device
     def test_step(self, x, y, sample_weight=None):
-        """``(loss, output)`` for one device batch in inference mode; nothing changes."""
+        """``(loss, output)`` for one device batch in inference mode (regularization penalties included in the
+        loss, as in Keras); nothing changes."""
         out, logits, _ = self._forward(x, False, keep_caches=False)
-        return self._loss(out, logits, y, sample_weight)[0], out
+        return self._penalty(self._loss(out, logits, y, sample_weight)[0], accumulate_grads=False), out
 
     @_on_device
     def predict_step(self, x):
@@ -361,11 +410,14 @@ class Model:
     def loss_and_grads(self, x, y, sample_weight=None, training=False):
         """``(loss: float, {name: gradient})`` for one batch, without updating anything.
 
-        ``training=False`` (default) disables dropout so the result is deterministic.
+        ``training=False`` (default) disables dropout and makes BatchNormalization use its moving statistics, so the
+        result is deterministic; ``training=True`` uses dropout and batch statistics (the moving ones still do not
+        change). The loss and gradients include the layers' regularization penalties.
         """
         self._require_compiled("loss_and_grads()")
         xb, yb, wb = self.prepare_batch(x, y, sample_weight)
         loss, _ = self.compute_gradients(xb, yb, wb, training=training)
+        self._state_updates = []
         return float(loss), {name: self._device.copy(g) for name, g in self._params.gradients().items()}
 
     # -- fit / evaluate / predict ----------------------------------------------------------
@@ -490,7 +542,8 @@ class Model:
     def __getstate__(self):
         """Host copies of everything (weights, state, optimizer state, random states) and the device by name, so
         ``pickle`` and ``copy.deepcopy`` work; the device is resolved again when unpickled."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_params", "_random", "_need_input_grad")}
+        state = {k: v for k, v in self.__dict__.items() if k not in (
+            "_params", "_random", "_need_input_grad", "_regularized", "_stateful", "_state_updates", "_bound_rules")}
         state["layers"] = [layer.unbound_copy() for layer in self.layers]
         state["_device"] = (self._device.backend, self._device.name)
         if self.built:
@@ -504,7 +557,8 @@ class Model:
         params = state.pop("_params", None)
         random_state = state.pop("random_state", None)
         self.__dict__.update(state)
-        self._params = self._random = None
+        self._params = self._random = self._bound_rules = None
+        self._state_updates = []
         for layer in self.layers:
             layer.attach(self, f"layer {layer.name!r}")
         if self.optimizer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 import array_api_compat
 
@@ -40,9 +41,13 @@ class Optimizer(Owned):
       before the update, as in Keras) uses ``learning_rate(t)``, computed on the host: no device sync.
       ``lr`` is an alias (passing both raises). ``optimizer.learning_rate`` / ``optimizer.lr`` read the rate the
       next step will use; assigning a float (callbacks do) replaces a schedule with that constant rate.
+      ``optimizer.last_learning_rate`` is the rate the latest step used (None before the first); ``fit`` logs it.
     - ``weight_decay`` (>= 0): coupled L2 added to the gradient (``g + wd * p``, PyTorch's SGD/Adam/RMSprop) or,
       with ``decoupled_weight_decay=True`` (AdamW always), ``p -= lr * wd * p`` before the update (Keras 3, PyTorch
-      AdamW). :meth:`set_decay_mask` limits it to some parameters.
+      AdamW). :meth:`set_decay_mask` limits it to some parameters; a model builds that mask from its layers'
+      defaults (kernels decay; biases and normalization scales/offsets do not) and the rules given by
+      :meth:`exclude_from_weight_decay` / :meth:`include_in_weight_decay` (also constructor keywords of the same
+      names taking ``{"var_list": [...], "var_names": [...]}``, recorded in ``get_config``).
     - ``clipnorm`` (each parameter tensor's L2 norm, tensors given by :meth:`set_segments`, else the whole buffer
       as one tensor), ``global_clipnorm`` (the norm of all gradients together) or ``clipvalue`` (each element to
       ``[-clipvalue, clipvalue]``): at most one, positive and finite (Keras). Gradients are scaled by
@@ -58,7 +63,8 @@ class Optimizer(Owned):
     default_learning_rate = 1e-3
 
     def __init__(self, learning_rate=None, weight_decay: float = 0.0, *, lr=None, decoupled_weight_decay: bool = False,
-                 clipnorm: float | None = None, global_clipnorm: float | None = None, clipvalue: float | None = None):
+                 clipnorm: float | None = None, global_clipnorm: float | None = None, clipvalue: float | None = None,
+                 exclude_from_weight_decay: dict | None = None, include_in_weight_decay: dict | None = None):
         owner = type(self).__name__
         if learning_rate is not None and lr is not None:
             raise ValueError(f"{owner} got both learning_rate={learning_rate!r} and its alias lr={lr!r}; pass one")
@@ -78,8 +84,16 @@ class Optimizer(Owned):
         self.weight_decay = float(weight_decay)
         self.decoupled_weight_decay = decoupled_weight_decay
         self.iterations = 0
+        self.last_learning_rate = None  # the rate the latest step used (None before the first)
         self.state: dict = {}
         self._segments = None
+        self._rules = {"exclude": ((), ()), "include": ((), ())}  # (exact names, regex patterns) each
+        for kind, given in (("exclude", exclude_from_weight_decay), ("include", include_in_weight_decay)):
+            if given is not None:
+                if not isinstance(given, dict) or not set(given) <= {"var_list", "var_names"}:
+                    raise ValueError(f"{owner} {kind}_{'from' if kind == 'exclude' else 'in'}_weight_decay must be a "
+                                     f"dict with keys var_list and/or var_names, got {given!r}")
+                self._add_rule(kind, **given)
         self._decay_mask = None
         self._decay_mask_cast = None  # the mask in the parameters' dtype, made at the first step that needs it
         self._describing = False
@@ -164,6 +178,55 @@ class Optimizer(Owned):
             mask = self._decay_mask_cast = xp.astype(self._decay_mask, params.dtype)
         return mask
 
+    # -- which parameters weight decay applies to --------------------------------------
+    def exclude_from_weight_decay(self, var_list=None, var_names=None) -> None:
+        """Never apply weight decay to these parameters (Keras 3's method): ``var_list``, parameter names as in
+        ``model.parameters()`` (``"dense_0.kernel"``, matched exactly); ``var_names``, regular expressions searched
+        in those names (``"bias"``, ``r"^dense_3\\."``). Exclusion wins over :meth:`include_in_weight_decay`.
+        Takes effect at the next step of the model this optimizer serves."""
+        self._add_rule("exclude", var_list, var_names)
+
+    def include_in_weight_decay(self, var_list=None, var_names=None) -> None:
+        """Apply weight decay to these parameters although their layer skips them by default (biases,
+        normalization ``gamma`` / ``beta``); the arguments as in :meth:`exclude_from_weight_decay`."""
+        self._add_rule("include", var_list, var_names)
+
+    def _add_rule(self, kind, var_list=None, var_names=None):
+        method = f"{kind}_{'from' if kind == 'exclude' else 'in'}_weight_decay"
+        names, patterns = self._rules[kind]
+        for arg, values in (("var_list", var_list), ("var_names", var_names)):
+            if values is None:
+                continue
+            if isinstance(values, str) or not isinstance(values, (list, tuple)) or not all(
+                    isinstance(v, str) for v in values):
+                raise TypeError(f"{type(self).__name__}.{method} {arg} must be a list of strings (parameter names"
+                                f"{'' if arg == 'var_list' else ' patterns'}), got {values!r}")
+            if arg == "var_names":
+                for pattern in values:
+                    try:
+                        re.compile(pattern)
+                    except re.error as exc:
+                        raise ValueError(f"{type(self).__name__}.{method} var_names holds {pattern!r}, which is not a "
+                                         f"regular expression: {exc}") from exc
+        names += tuple(v for v in var_list or () if v not in names)
+        patterns += tuple(v for v in var_names or () if v not in patterns)
+        self._rules = {**self._rules, kind: (names, patterns)}  # a new object: see decay_rules
+
+    @property
+    def decay_rules(self) -> dict:
+        """``{"exclude": (names, patterns), "include": (names, patterns)}``; a new object after every change, so a
+        model compares it by identity before each step and rebuilds its decay mask when it changed."""
+        return self._rules
+
+    def uses_weight_decay(self, name: str, default: bool = True) -> bool:
+        """Whether weight decay applies to the parameter ``name``: False when excluded, else True when included,
+        else ``default`` (the layer's: kernels yes, biases and normalization parameters no)."""
+        for kind, result in (("exclude", False), ("include", True)):
+            names, patterns = self._rules[kind]
+            if name in names or any(re.search(p, name) for p in patterns):
+                return result
+        return default
+
     # -- state --------------------------------------------------------------------
     def _ensure_state(self, params):
         ok = set(self.state) == set(self.slots) and all(
@@ -221,9 +284,14 @@ class Optimizer(Owned):
             raise ValueError(f"{type(self).__name__} cannot record its learning_rate {self.schedule!r}: a plain "
                              "callable has no config; subclass portanet.schedules.LearningRateSchedule (with "
                              "get_config, registered in schedules.SCHEDULES) to save it")
-        return {"name": self.name, "learning_rate": rate, "weight_decay": self.weight_decay,
-                "decoupled_weight_decay": self.decoupled_weight_decay, "clipnorm": self.clipnorm,
-                "global_clipnorm": self.global_clipnorm, "clipvalue": self.clipvalue}
+        config = {"name": self.name, "learning_rate": rate, "weight_decay": self.weight_decay,
+                  "decoupled_weight_decay": self.decoupled_weight_decay, "clipnorm": self.clipnorm,
+                  "global_clipnorm": self.global_clipnorm, "clipvalue": self.clipvalue}
+        for kind, key in (("exclude", "exclude_from_weight_decay"), ("include", "include_in_weight_decay")):
+            names, patterns = self._rules[kind]
+            if names or patterns:  # absent when unused: configs of models without rules stay as they were
+                config[key] = {"var_list": list(names), "var_names": list(patterns)}
+        return config
 
     def __repr__(self):
         self._describing = True  # get_config shows a schedule as itself, and never raises
@@ -243,6 +311,7 @@ class Optimizer(Owned):
         self.clip_gradients(grads)
         grads = self._weight_decay(params, grads, lr)
         self.iterations += 1
+        self.last_learning_rate = lr
         if fast is None or not self._fast_step(params, grads, lr, fast):
             self._step(params, grads, lr)
 

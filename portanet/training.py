@@ -48,6 +48,9 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
     ``resume_from``: a checkpoint written by :class:`~portanet.callbacks.ModelCheckpoint`; weights, optimizer,
     random generator states, history and callback state are restored and training continues up to ``epochs``.
 
+    Each epoch's logs (and so the History) hold ``"lr"``: the learning rate the epoch's last optimizer step used
+    (with a per-step schedule, ``schedule(iterations - 1)``), a host float read without a device sync.
+
     Every argument is checked first (ValueError/TypeError naming it), before the model is built or changes.
     NaN or inf in in-memory inputs raise ValueError before training; lazily read batches (streams, memory maps)
     holding NaN or inf, or failing to read, raise :class:`~portanet.data.StreamError` and the model is put back as
@@ -76,6 +79,7 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
             raise ValueError("validation_data must be a tuple (x_val, y_val) or (x_val, y_val, sample_weight)")
         val = _data.adapt(*validation_data, targets=True, prefix="validation")
         _check_model_fits(model, val, train.width)
+    _check_training_rows(model, train, batch_size, fraction)
     out_dim = model.output_width(train.width)
     class_table = _class_weights(class_weight, model.loss, out_dim)
     for source in (train, val):
@@ -141,6 +145,7 @@ def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table
                 if val is not None:
                     val_logs = _evaluate(model, val, max(batch_size, 1024))
                     logs.update({f"val_{k}": v for k, v in val_logs.items()})
+                logs["lr"] = _last_learning_rate(model.optimizer)
                 cbs.on_epoch_end(epoch, logs)
                 cbs.on_epoch_complete(epoch, logs)
                 if model.stop_training:
@@ -216,13 +221,29 @@ def _class_weights(class_weight, loss, out_dim):
     return table
 
 
+def _check_training_rows(model, source, batch_size, fraction):
+    """Every training batch of in-memory or sliced data has the rows the model's layers need in training
+    (BatchNormalization: 2), so a batch of 1 row left over at the end of an epoch fails now, not mid-training."""
+    need = model.min_training_rows
+    if need <= 1 or source.n is None:
+        return
+    n = source.n - round(fraction * source.n)  # the rows validation_split leaves for training (data.split_rows)
+    last = n % batch_size or batch_size
+    if min(n, last) < need:
+        layer = next(layer for layer in model.layers if layer.min_training_rows == need)
+        raise ValueError(f"batch_size={batch_size} splits the {n} training rows into batches the last of which has "
+                         f"{min(n, last)} row(s), but layer {layer.name!r} ({type(layer).__name__}) needs at least "
+                         f"{need} rows per training batch: choose another batch_size (or drop {min(n, last)} "
+                         "row(s))")
+
+
 def _check_monitors(model, callbacks, validation):
     """Every log key a built-in callback reads will exist (before training: a typo fails now, not after an
     epoch). With a callback of the user's own in the list, which may add keys to the logs, nothing is assumed."""
     if any(type(cb).__module__ != CallbackList.__module__ for cb in callbacks):
         return
     keys = ["loss", *(m.name for m in model.metrics)]
-    keys += [f"val_{k}" for k in keys if validation]
+    keys += [f"val_{k}" for k in keys if validation] + ["lr"]
     for cb in callbacks:
         cb.check_logs(keys)
 
@@ -276,6 +297,12 @@ def _run_epoch(model, batches, cbs, epoch, guard, log_every, class_table, interr
     logs = totals.logs()
     guard.passed(epoch + 1, 0)
     return logs
+
+
+def _last_learning_rate(optimizer) -> float:
+    """The rate of the latest step (the next step's before any): a host float, no device read."""
+    rate = optimizer.last_learning_rate
+    return optimizer.learning_rate if rate is None else rate
 
 
 def _evaluate(model, source, batch_size) -> dict:

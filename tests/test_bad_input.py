@@ -106,8 +106,8 @@ def test_unknown_names_are_rejected_at_construction():
         pn.Model([pn.Dense(1)]).compile("mse", "lbfgs")
     with pytest.raises(ValueError, match="unknown metric 'f1'"):
         pn.Model([pn.Dense(1)]).compile("mse", metrics=["f1"])
-    with pytest.raises(ValueError, match="unknown kernel_initializer 'ones'"):
-        pn.Dense(3, kernel_initializer="ones")
+    with pytest.raises(ValueError, match="Dense kernel_initializer: unknown initializer 'he_norm'; expected one of"):
+        pn.Dense(3, kernel_initializer="he_norm")
 
 
 def test_a_failed_compile_keeps_the_previous_configuration():

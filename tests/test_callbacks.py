@@ -45,7 +45,7 @@ class Weights(pn.Callback):
 def test_history_holds_training_and_validation_values_per_epoch(device):
     history = _model(device).fit(X, Y, epochs=3, validation_data=(X, Y), verbose=0)
     assert history.epoch == [0, 1, 2]
-    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
     assert all(len(v) == 3 and all(isinstance(x, float) for x in v) for v in history.history.values())
     assert history["loss"] is history.history["loss"]
 
@@ -187,7 +187,7 @@ def test_restore_best_weights_restores_them_whether_or_not_training_stopped_earl
 
 def test_early_stopping_names_the_missing_monitor_and_the_available_keys():
     with pytest.raises(ValueError, match=r"EarlyStopping monitors 'val_loss' but the epoch logs hold "
-                                         r"\['accuracy', 'loss'\]; pass validation_data or validation_split"):
+                                         r"\['accuracy', 'loss', 'lr'\]; pass validation_data or validation_split"):
         _model().fit(X, Y, epochs=2, verbose=0, callbacks=[pn.EarlyStopping()])
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = ["xor.py", "sine.py", "mnist.py", "gradient_check.py", "export_onnx.py"]
+SCRIPTS = ["xor.py", "sine.py", "mnist.py", "gradient_check.py", "export_onnx.py", "deep_mlp.py"]
 
 
 def _cli(device) -> list:
@@ -212,3 +212,32 @@ def test_switching_backends_notebook_runs_headlessly_and_its_checks_hold(tmp_pat
     assert "array_api_strict on array_api_strict:device1: accuracy" in text
     assert "numpy on cpu: accuracy" in text
     assert "parameters agree with the twin: True" in text
+
+
+def _deep_mlp_results(out) -> tuple:
+    """(deep accuracy, plain accuracy, rows of the deep network's table) from deep_mlp.py's report."""
+    deep = _number(r"(?m)^deep  \(BatchNormalization, warm-up \+ cosine, global_clipnorm=1.0\): test accuracy ([\d.]+)% "
+                   r"after \d+ epochs", out)
+    plain = _number(r"(?m)^plain \(no normalization, constant lr 0.1, no clipping\): +test accuracy ([\d.]+)% "
+                    r"(?:after \d+ epochs|\(the loss became NaN in epoch \d+\))", out)
+    rows = re.findall(r"^ +(\d+) \| +([\d.e+-]+) \| +[\d.]+ \| +[\d.]+% \| +[\d.]+%$", out, re.M)
+    return deep, plain, rows
+
+
+def test_deep_mlp_example_runs_on_each_backend(device, mnist_dir):
+    out = run_example("deep_mlp.py", "--epochs", 1, "--limit", 256, "--quiet", *_cli(device),
+                      env={"PORTANET_DATA": str(mnist_dir.parent)})
+    assert f"on {device.name} ({device.backend}): 20 hidden layers of 128 units" in out
+    deep, plain, rows = _deep_mlp_results(out)
+    assert [r[0] for r in rows] == ["1"] and float(rows[0][1]) == pytest.approx(0.1)  # 2 steps: the peak at the end
+    assert 0 <= deep <= 100 and 0 <= plain <= 100
+
+
+def test_deep_mlp_example_trains_the_normalized_network_and_not_the_plain_one(mnist_dir):
+    # 188 steps: the normalized network reaches about 81% (98.2% takes the default 8 epochs on 60,000 images); the
+    # plain one collapses to a constant prediction (10-11%).
+    out = run_example("deep_mlp.py", "--epochs", 2, "--limit", 12000, "--quiet", "--data-dir", mnist_dir)
+    deep, plain, rows = _deep_mlp_results(out)
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert float(rows[1][1]) < 1e-4  # the cosine has come down to (nearly) 0 at the last step
+    assert deep > 60 and plain < 20

@@ -416,3 +416,68 @@ def test_mnist_model_keeps_its_test_accuracy_to_the_last_digit(mnist_dir, tmp_pa
     assert correct_portanet > 8500  # a real classifier, not chance
     assert correct_onnx == correct_portanet
     assert_close(served, expected, rtol=tolerance("float32"))
+
+
+# -- normalization layers ---------------------------------------------------------------------------------------------
+def _normalized(device, dtype, layer, seed=5):
+    """Dense(6) -> ``layer`` -> Dense(3, softmax) with random weights and, for BatchNormalization, moving statistics
+    away from their initial 0 and 1."""
+    model = _randomize(pn.Model([pn.Dense(6), layer, pn.Dense(3, "softmax")], device=device, dtype=dtype,
+                                seed=seed).build(4), seed)
+    rng = np.random.default_rng(seed)
+    buffer = model.parameter_buffer
+    if buffer.state.shape[0]:
+        buffer.state[...] = model.device.asarray(np.concatenate([rng.standard_normal(6), rng.uniform(0.2, 3.0, 6)]),
+                                                 dtype)
+    return model
+
+
+NORMALIZATIONS = [
+    lambda: pn.LayerNormalization(), lambda: pn.LayerNormalization(center=False, epsilon=1e-5),
+    lambda: pn.LayerNormalization(scale=False), lambda: pn.BatchNormalization(),
+    lambda: pn.BatchNormalization(center=False, scale=False, epsilon=0.1), lambda: pn.BatchNormalization(scale=False),
+]
+NORMALIZATION_IDS = ["layernorm", "layernorm-scale-only", "layernorm-center-only", "batchnorm", "batchnorm-neither",
+                     "batchnorm-center-only"]
+
+
+@requires_onnx
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", NORMALIZATIONS, ids=NORMALIZATION_IDS)
+def test_normalization_layers_match_predict(device, dtype, make, tmp_path):
+    model = _normalized(device, dtype, make())
+    path = pn.export_onnx(model, tmp_path / "norm.onnx")
+    _assert_matches_predict(model, path, 4, dtype)
+
+
+@requires_onnx
+def test_batch_normalization_exports_its_moving_statistics_by_name(tmp_path):
+    model = _normalized("cpu", "float64", pn.BatchNormalization())
+    proto = onnx.load(pn.export_onnx(model, tmp_path / "bn.onnx"))
+    from onnx import numpy_helper
+
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if not t.name.startswith("const/")}
+    assert set(weights) == set(model.parameters()) | set(model.parameter_buffer.states())
+    for name, value in model.parameter_buffer.states().items():
+        np.testing.assert_array_equal(weights[name], to_numpy(value))
+
+
+@requires_onnx
+def test_a_trained_batch_normalized_model_serves_its_inference_outputs(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((96, 5)).astype("float32") * 3 + 2
+    model = pn.Model([pn.Dense(8, use_bias=False), pn.BatchNormalization(), pn.Activation("relu"),
+                      pn.Dense(8), pn.LayerNormalization(), pn.Dense(2, "softmax")], seed=0)
+    model.compile("sparse_categorical_crossentropy", pn.Adam(0.01))
+    model.fit(x, (x[:, 0] > 2).astype("int64"), epochs=3, batch_size=16, verbose=0)
+    assert_close(_run(pn.export_onnx(model, tmp_path / "m.onnx"), x), model.predict(x))
+
+
+@requires_onnx
+@pytest.mark.parametrize("opset", range(pn_export.MIN_OPSET, pn_export.MAX_OPSET + 1))
+def test_layer_normalization_exports_at_every_opset(opset, tmp_path):
+    # ReduceMean takes its axes as an attribute up to opset 17 and as an input from opset 18 on.
+    model = _normalized("cpu", "float64", pn.LayerNormalization())
+    path = pn.export_onnx(model, tmp_path / "ln.onnx", opset=opset)
+    assert onnx.load(path).opset_import[0].version == opset
+    _assert_matches_predict(model, path, 4, "float64", batches=(9,))

@@ -156,3 +156,67 @@ def test_config_round_trip(name):
 def test_bad_arguments_raise(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+# -- in Dense: by name or object, defaults by activation, drawn from the model's seed ---------------------------------
+def _initial(device="cpu", seed=5, **dense):
+    import portanet as pn
+
+    model = pn.Model([pn.Dense(300, "relu"), pn.Dense(200, "tanh", **dense)], device=device, dtype="float64",
+                     seed=seed).build(400)
+    return {k: pn.to_numpy(v).copy() for k, v in model.parameters().items()}
+
+
+def test_dense_defaults_are_truncated_he_normal_for_relu_glorot_uniform_otherwise_and_zero_biases():
+    params, rng = _initial(), np.random.default_rng(5)  # Model(seed=5) draws from default_rng(5), layer by layer
+    np.testing.assert_array_equal(params["dense_0.kernel"], initializers.HeNormal()((400, 300), rng))
+    np.testing.assert_array_equal(params["dense_1.kernel"], initializers.GlorotUniform()((300, 200), rng))
+    assert not params["dense_0.bias"].any() and not params["dense_1.bias"].any()
+    kernel, std = params["dense_0.kernel"], math.sqrt(2 / 400)
+    assert np.abs(kernel).max() <= 2 * std / initializers.TRUNCATED_STDDEV  # truncated, as Keras's he_normal
+    assert kernel.std() == pytest.approx(std, rel=0.02)
+
+
+@pytest.mark.parametrize("spec", ["orthogonal", {"name": "orthogonal", "gain": 2.0}, initializers.RandomUniform(-1, 1),
+                                  "HeUniform"], ids=["name", "config", "object", "keras-class-name"])
+def test_dense_takes_initializers_by_name_config_or_object(spec):
+    params, rng = _initial(kernel_initializer=spec, bias_initializer=initializers.Constant(0.5)), \
+        np.random.default_rng(5)
+    initializers.HeNormal()((400, 300), rng)
+    np.testing.assert_array_equal(params["dense_1.kernel"], initializers.get(spec)((300, 200), rng))
+    assert (params["dense_1.bias"] == 0.5).all()
+
+
+def test_dense_initial_weights_are_the_same_on_every_backend(device):
+    import portanet as pn
+
+    on_device = _initial(device, kernel_initializer="lecun_normal", bias_initializer="random_normal")
+    for name, value in _initial(kernel_initializer="lecun_normal", bias_initializer="random_normal").items():
+        np.testing.assert_array_equal(on_device[name], value, err_msg=name)
+    model = pn.Model([pn.Dense(3, kernel_initializer="ones")], device=device).build(2)
+    assert all(device.owns(v) for v in model.parameters().values())
+
+
+def test_dense_initializer_configs_round_trip():
+    import portanet as pn
+
+    layer = pn.Dense(3, kernel_initializer="orthogonal", bias_initializer={"name": "constant", "value": 0.1})
+    config = layer.get_config()
+    assert config["kernel_initializer"] == {"name": "orthogonal", "gain": 1.0}
+    assert config["bias_initializer"] == {"name": "constant", "value": 0.1}
+    assert pn.Dense(3).get_config()["kernel_initializer"] is None  # the default follows the activation
+    assert pn.layers.get(config).get_config() == config
+    assert pn.layers.get({**config, "kernel_initializer": "he_normal"}).kernel_initializer == initializers.HeNormal()
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"kernel_initializer": "he_norm"}, ValueError, r"Dense kernel_initializer: unknown initializer 'he_norm'"),
+    ({"bias_initializer": {"name": "constant", "value": "x"}}, ValueError,
+     r"Dense bias_initializer: .*Constant value must be a finite number"),
+    ({"kernel_initializer": 0.1}, TypeError, r"Dense kernel_initializer: initializer must be a name"),
+])
+def test_a_bad_dense_initializer_names_the_argument(kwargs, error, match):
+    import portanet as pn
+
+    with pytest.raises(error, match=match):
+        pn.Dense(3, **kwargs)

@@ -130,7 +130,7 @@ def test_compile_again_keeps_the_trained_weights(device):
 def test_fit_returns_history_and_evaluate_returns_a_dict(device):
     model = _classifier(device)
     history = model.fit(X, LABELS, epochs=3, batch_size=10, validation_data=(X, LABELS), verbose=0)
-    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
     assert all(len(v) == 3 for v in history.history.values())
     result = model.evaluate(X, LABELS)
     assert set(result) == {"loss", "accuracy"} and 0 <= result["accuracy"] <= 1

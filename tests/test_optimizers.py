@@ -508,3 +508,170 @@ def test_fast_kernels_match_the_portable_path_with_every_option(device, config):
         portable.step(pp, _on(device, g))
         quick.step(pq, _on(device, g), fast=device.kernels)
     assert_close(pq, pp, device=device, rtol=1e-12, atol=1e-14)
+
+
+# -- through a model: segments and the decay mask come from the parameter buffer --------------------------------------
+
+def _model_and_twin(device, optimizer):
+    """Dense(6, tanh) -> BatchNormalization -> Dense(3) with MSE in float64, and the same network in torch; returns
+    (model, net, {portanet name: torch parameter})."""
+    torch = pytest.importorskip("torch")
+    model = pn.Model([pn.Dense(6, "tanh"), pn.BatchNormalization(momentum=0.9), pn.Dense(3)], device=device,
+                     dtype="float64", seed=6).compile("mse", optimizer).build(5)
+    rng = np.random.default_rng(6)
+    model.set_parameters({k: rng.uniform(0.5, 1.5, v.shape) if k.endswith("gamma") else rng.standard_normal(v.shape)
+                          for k, v in model.parameters().items()})
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6, dtype=torch.float64), torch.nn.Tanh(),
+                              torch.nn.BatchNorm1d(6, eps=1e-3, momentum=0.1, dtype=torch.float64),
+                              torch.nn.Linear(6, 3, dtype=torch.float64))
+    twin = {"dense_0.kernel": net[0].weight, "dense_0.bias": net[0].bias, "batch_normalization_0.gamma": net[2].weight,
+            "batch_normalization_0.beta": net[2].bias, "dense_1.kernel": net[3].weight, "dense_1.bias": net[3].bias}
+    with torch.no_grad():
+        for name, value in model.parameters().items():
+            value = torch.tensor(to_numpy(value).copy())
+            twin[name].copy_(value.T if value.ndim == 2 else value)
+    return model, net, twin
+
+
+def _trajectory(device, model, net, step_torch, steps=6):
+    """Train both on the same batches: ``step_torch(loss)`` runs torch's backward and update."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    for _ in range(steps):
+        x, y = rng.standard_normal((10, 5)), rng.standard_normal((10, 3)) * 5
+        model.train_step(x, y)
+        step_torch(torch.nn.functional.mse_loss(net(torch.tensor(x)), torch.tensor(y)))
+
+
+def _assert_same(device, model, twin):
+    for name, value in model.parameters().items():
+        expected = twin[name].detach()
+        assert_close(value, expected.T if expected.ndim == 2 else expected, device=device, rtol=1e-11, atol=1e-12,
+                     err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd-decoupled", "adam-coupled"])
+def test_weight_decay_of_a_whole_model_matches_torch_with_decay_on_kernels_only(device, kind):
+    torch = pytest.importorskip("torch")
+    make = {"adamw": lambda: pn.AdamW(0.01, weight_decay=0.3),
+            "sgd-decoupled": lambda: pn.SGD(0.05, momentum=0.9, weight_decay=0.3, decoupled_weight_decay=True),
+            "adam-coupled": lambda: pn.Adam(0.01, weight_decay=0.3)}[kind]
+    model, net, twin = _model_and_twin(device, make())
+    kernels = [twin["dense_0.kernel"], twin["dense_1.kernel"]]
+    groups = [{"params": kernels, "weight_decay": 0.3},
+              {"params": [p for n, p in twin.items() if not n.endswith("kernel")], "weight_decay": 0.0}]
+    topt = {"adamw": lambda: torch.optim.AdamW(groups, lr=0.01),
+            "sgd-decoupled": lambda: torch.optim.SGD(groups[0]["params"] + groups[1]["params"], lr=0.05, momentum=0.9),
+            "adam-coupled": lambda: torch.optim.Adam(groups, lr=0.01)}[kind]()
+
+    def step(loss):
+        topt.zero_grad()
+        loss.backward()
+        if kind == "sgd-decoupled":  # torch's SGD has no decoupled decay: shrink the kernels first, as AdamW does
+            with torch.no_grad():
+                for p in kernels:
+                    p.mul_(1 - 0.05 * 0.3)
+        topt.step()
+
+    _trajectory(device, model, net, step)
+    _assert_same(device, model, twin)
+    states = model.parameter_buffer.states()
+    assert_close(states["batch_normalization_0.moving_mean"], net[2].running_mean, device=device, rtol=1e-11,
+                 atol=1e-12)
+
+
+@pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
+def test_clipping_in_a_model_matches_torch_clip_grad_norm(device, clip):
+    torch = pytest.importorskip("torch")
+    model, net, twin = _model_and_twin(device, pn.SGD(0.05, momentum=0.5, **{clip: 0.3}))
+    offsets = [(offset, size) for _, offset, size, _ in model.parameter_buffer.segments()]
+    assert model.optimizer._segments == tuple(offsets) and len(offsets) == 6
+    topt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.5)
+
+    def step(loss):
+        topt.zero_grad()
+        loss.backward()
+        if clip == "clipnorm":  # each parameter tensor on its own
+            for p in twin.values():
+                torch.nn.utils.clip_grad_norm_([p], 0.3)
+        else:
+            torch.nn.utils.clip_grad_norm_(list(twin.values()), 0.3)
+        topt.step()
+
+    _trajectory(device, model, net, step)
+    _assert_same(device, model, twin)
+
+
+def _mask(model):
+    """``{parameter name: decayed}`` from the optimizer's mask (each parameter all ones or all zeros)."""
+    mask, out = to_numpy(model.optimizer._decay_mask), {}
+    for name, offset, size, _ in model.parameter_buffer.segments():
+        part = mask[offset:offset + size]
+        assert part.all() or not part.any(), name
+        out[name] = bool(part.all())
+    return out
+
+
+def test_the_model_decays_kernels_only_by_default_and_the_optimizer_rules_override_it():
+    opt = pn.AdamW(weight_decay=0.1)
+    model = pn.Model([pn.Dense(4), pn.LayerNormalization(), pn.Dense(2)], seed=0).compile("mse", opt).build(3)
+    assert _mask(model) == {"dense_0.kernel": True, "dense_0.bias": False, "layer_normalization_0.gamma": False,
+                            "layer_normalization_0.beta": False, "dense_1.kernel": True, "dense_1.bias": False}
+    opt.include_in_weight_decay(var_names=["bias$"])
+    opt.exclude_from_weight_decay(var_list=["dense_1.kernel", "dense_0.bias"])  # exclusion wins
+    model.train_step(np.ones((2, 3)), np.ones((2, 2)))  # the next step rebuilds the mask
+    assert _mask(model) == {"dense_0.kernel": True, "dense_0.bias": False, "layer_normalization_0.gamma": False,
+                            "layer_normalization_0.beta": False, "dense_1.kernel": False, "dense_1.bias": True}
+    assert opt.get_config()["exclude_from_weight_decay"] == {"var_list": ["dense_1.kernel", "dense_0.bias"],
+                                                             "var_names": []}
+    assert opt.get_config()["include_in_weight_decay"] == {"var_list": [], "var_names": ["bias$"]}
+    assert "exclude_from_weight_decay" not in pn.AdamW().get_config()  # configs without rules are as before
+    twin = optimizers.get(opt.get_config())
+    assert twin.decay_rules == opt.decay_rules
+
+
+def test_decay_rules_set_before_compile_travel_through_save_and_load(tmp_path):
+    opt = pn.AdamW(weight_decay=0.1)
+    opt.exclude_from_weight_decay(var_names=[r"^dense_0\."])
+    model = pn.Model([pn.Dense(4), pn.Dense(2)], seed=0).compile("mse", opt)
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=1, verbose=0)
+    assert _mask(model) == {"dense_0.kernel": False, "dense_0.bias": False, "dense_1.kernel": True,
+                            "dense_1.bias": False}
+    model.save(tmp_path / "m.safetensors")
+    assert _mask(pn.load(tmp_path / "m.safetensors")) == _mask(model)
+
+
+def test_segments_and_mask_follow_the_buffer_when_the_model_moves(device):
+    model = pn.Model([pn.Dense(4), pn.BatchNormalization(), pn.Dense(2)], seed=0)
+    model.compile("mse", pn.AdamW(weight_decay=0.1, clipnorm=1.0)).build(3)
+    segments, mask = model.optimizer._segments, to_numpy(model.optimizer._decay_mask).copy()
+    model.to(device)
+    assert model.optimizer._segments == segments and device.owns(model.optimizer._decay_mask)
+    np.testing.assert_array_equal(to_numpy(model.optimizer._decay_mask), mask)
+    model.train_step(np.ones((2, 3)), np.ones((2, 2)))
+    assert device.owns(model.parameter_buffer.values)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda o: o.exclude_from_weight_decay(var_names="bias"), TypeError, r"var_names must be a list of strings"),
+    (lambda o: o.include_in_weight_decay(var_list=[3]), TypeError, r"var_list must be a list of strings"),
+    (lambda o: o.exclude_from_weight_decay(var_names=["(bias"]), ValueError, r"'\(bias', which is not a regular"),
+    (lambda o: pn.AdamW(exclude_from_weight_decay={"names": ["x"]}), ValueError,
+     r"exclude_from_weight_decay must be a dict with keys var_list and/or var_names"),
+])
+def test_bad_decay_rules_raise_and_change_nothing(call, error, match):
+    opt = pn.AdamW()
+    before = opt.decay_rules
+    with pytest.raises(error, match=match):
+        call(opt)
+    assert opt.decay_rules is before
+
+
+def test_negative_clip_norms_raise_before_any_model_changes():
+    model = pn.Model([pn.Dense(2)], seed=0).compile("mse", pn.SGD(0.1)).build(3)
+    before = to_numpy(model.parameter_buffer.values).copy()
+    for arg in ("clipnorm", "global_clipnorm", "clipvalue"):
+        with pytest.raises(ValueError, match=rf"SGD {arg} must be a positive finite number, got -1.0"):
+            model.compile("mse", pn.SGD(0.1, **{arg: -1.0}))
+    assert model.optimizer.clipnorm is None
+    np.testing.assert_array_equal(to_numpy(model.parameter_buffer.values), before)

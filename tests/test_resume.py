@@ -253,3 +253,56 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_leaves_the_last_checkpoint_
     assert model.optimizer.iterations == 2 * 5
     _run(tmp_path, "resume", 4)
     _assert_same(_final_weights(tmp_path), uninterrupted)
+
+
+# -- normalization state, a schedule mid-warm-up and decay rules, across processes -----------------------------------
+DEEP_SCRIPT = textwrap.dedent('''
+    """Train a BatchNormalization network with a warm-up schedule; modes: run (fresh), resume (from the checkpoint)."""
+    import os, sys
+    import numpy as np
+    import portanet as pn
+
+    mode, folder, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    checkpoint = os.path.join(folder, "ckpt.safetensors")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((90, 6)) * 2 + 1
+    y = (x[:, 0] + x[:, 1] * x[:, 2] > 1).astype(np.int64)
+    model = pn.Model([pn.Dense(12, use_bias=False), pn.BatchNormalization(momentum=0.8), pn.Activation("relu"),
+                      pn.Dense(8), pn.LayerNormalization(), pn.Dropout(0.2), pn.Dense(2, "softmax")], seed=11)
+    # 6 steps per epoch (batch 12 of 72 training rows): the warm-up lasts 15 steps, past the checkpoint of epoch 2
+    schedule = pn.CosineDecay(0.001, decay_steps=15, warmup_target=0.05, warmup_steps=15)
+    optimizer = pn.AdamW(schedule, weight_decay=0.05, global_clipnorm=1.0)
+    optimizer.include_in_weight_decay(var_names=["^dense_1\\\\.bias$"])
+    model.compile("sparse_categorical_crossentropy", optimizer, metrics=["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=12, validation_split=0.2, verbose=0,
+              callbacks=[pn.ModelCheckpoint(checkpoint)], resume_from=checkpoint if mode == "resume" else None)
+    model.save(os.path.join(folder, "final.safetensors"))
+    print("history", model.history.history)
+''')
+
+
+def _run_deep(folder, mode, epochs):
+    script = folder / "deep.py"
+    script.write_text(DEEP_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), mode, str(folder), str(epochs)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_batch_norm_statistics_and_a_schedule_mid_warm_up_resume_bit_identically_in_a_new_process(tmp_path):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    expected_log = _run_deep(straight, "run", 4)
+    _run_deep(tmp_path, "run", 2)
+    with safe_open(str(tmp_path / "ckpt.safetensors"), framework="numpy") as f:
+        state = json.loads(f.metadata()["checkpoint"])
+        config = json.loads(f.metadata()["config"])
+        moving = f.get_tensor("batch_normalization_0.moving_variance")
+    assert state["step"] == 12 and config["optimizer"]["learning_rate"]["warmup_steps"] == 15  # mid-warm-up
+    assert config["optimizer"]["include_in_weight_decay"] == {"var_list": [], "var_names": ["^dense_1\\.bias$"]}
+    assert not np.allclose(moving, 1.0)  # the statistics have moved
+    log = _run_deep(tmp_path, "resume", 4)
+    assert log == expected_log  # the same history, "lr" of each epoch included
+    _assert_same(_final_weights(tmp_path), _final_weights(straight))
+    assert "batch_normalization_0.moving_mean" in _final_weights(tmp_path)

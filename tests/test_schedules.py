@@ -277,3 +277,37 @@ def test_the_base_class_says_what_to_override():
         pn.LearningRateSchedule()(0)
     with pytest.raises(NotImplementedError, match="get_config"):
         pn.LearningRateSchedule().get_config()
+
+
+# -- in fit: a per-step schedule, and the rate logged in the History ------------------------------------------------
+def _fit(device, optimizer, epochs=3, **kwargs):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 4)), rng.integers(0, 2, 40)
+    model = pn.Model([pn.Dense(5, "relu"), pn.Dense(2, "softmax")], device=device, seed=0)
+    model.compile("sparse_categorical_crossentropy", optimizer)
+    return model, model.fit(x, y, epochs=epochs, batch_size=8, verbose=0, **kwargs)  # 5 steps per epoch
+
+
+def test_fit_steps_the_schedule_every_batch_and_logs_the_rate_of_each_epochs_last_step(device):
+    schedule = pn.CosineDecay(0.01, decay_steps=10, warmup_target=0.1, warmup_steps=5)
+    model, history = _fit(device, pn.SGD(schedule))
+    assert model.optimizer.iterations == 15
+    assert history.history["lr"] == [schedule(4), schedule(9), schedule(14)]
+    assert history.history["lr"][0] == pytest.approx(0.01 + 0.09 * 4 / 5)  # still warming up at the end of epoch 1
+    assert model.optimizer.learning_rate == schedule(15)  # the next step's rate
+
+
+def test_a_constant_rate_is_logged_too(device):
+    _, history = _fit(device, pn.Adam(0.003), epochs=2)
+    assert history.history["lr"] == [0.003, 0.003]
+
+
+def test_lr_callbacks_log_the_rate_their_epoch_used():
+    _, history = _fit("cpu", pn.SGD(0.1), epochs=3, callbacks=[pn.LearningRateScheduler(lambda e, lr: 0.1 / (e + 1))])
+    assert history.history["lr"] == [0.1, 0.05, 0.1 / 3]
+    schedule = pn.ExponentialDecay(0.1, decay_steps=5, decay_rate=0.5)
+    _, history = _fit("cpu", pn.SGD(schedule), epochs=2,
+                      callbacks=[pn.ReduceLROnPlateau(monitor="loss", patience=100)])
+    assert history.history["lr"] == [schedule(4), schedule(9)]  # not the next step's rate

@@ -236,7 +236,8 @@ def test_an_update_that_overflows_the_weights_is_undone_from_the_last_snapshot(d
 def test_a_non_finite_loss_from_a_too_high_learning_rate_is_caught():
     x = X * 100
     model = pn.Model([pn.Dense(32, "relu"), pn.Dense(1)], seed=0).compile("mse", pn.SGD(lr=10.0))
-    with pytest.raises(FloatingPointError, match=r"the loss became .* at epoch \d+, step \d+ of 3"):
+    with pytest.raises(FloatingPointError, match=r"the loss became .* at epoch \d+, step \d+ of 3"), \
+            pytest.warns(pn.SetupWarning, match="unscaled inputs"):  # the warning that foretold it
         model.fit(x, x[:, :1] ** 2, epochs=20, batch_size=32, verbose=0)
     assert np.isfinite(_host(model)).all()
 
