@@ -62,6 +62,8 @@ class Model:
         self.seed = seed
         self.rng = host_rng(seed)
         self.layers: list = []
+        self._layer_names: set = set()  # names in use and layers per kind: add() in O(1), loading in linear time
+        self._kind_counts: dict = {}
         self.input_dim = None
         self.loss = None
         self.optimizer = None
@@ -108,12 +110,14 @@ class Model:
             raise RuntimeError("cannot add layers to a model that is already built (it has trained or seen data)")
         name = layer.name
         if name is None:
-            name = f"{layer.kind}_{sum(1 for other in self.layers if other.kind == layer.kind)}"
-        if any(other.name == name for other in self.layers):
+            name = f"{layer.kind}_{self._kind_counts.get(layer.kind, 0)}"
+        if name in self._layer_names:
             raise ValueError(f"layer name {name!r} is already used in this model")
         layer.attach(self, f"layer {name!r}")
         layer.name = name
         self.layers.append(layer)
+        self._layer_names.add(name)
+        self._kind_counts[layer.kind] = self._kind_counts.get(layer.kind, 0) + 1
         return self
 
     @property
@@ -165,7 +169,10 @@ class Model:
         for layer in self.layers:
             p, g, s = views[layer.name]
             layer.bind(self.xp, p, g, s, random_source, kernels)
-        self._need_input_grad = [any(l.param_shapes(1) for l in self.layers[:i]) for i in range(len(self.layers))]
+        need, self._need_input_grad = False, []
+        for layer in self.layers:  # a layer needs its input gradient when some layer before it has parameters
+            self._need_input_grad.append(need)
+            need = need or bool(layer.param_shapes(1))
 
     def _require_built(self, what):
         if not self.built:

@@ -14,6 +14,7 @@ import numbers
 import array_api_compat
 
 from . import schedules as _schedules
+from ._checks import flag, real
 from ._owner import Owned
 from ._registry import resolve
 from .backends import to_numpy
@@ -303,12 +304,10 @@ class SGD(Optimizer):
     def __init__(self, learning_rate=None, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  **options):
         super().__init__(learning_rate, weight_decay, **options)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = real("SGD", "momentum", momentum, 0, 1, high_open=True)
+        self.nesterov = flag("SGD", "nesterov", nesterov)
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
         self.slots = ("velocity",) if momentum else ()
 
     def _step(self, params, grads, lr):
@@ -334,12 +333,10 @@ class Adam(Optimizer):
     def __init__(self, learning_rate=None, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
                  weight_decay: float = 0.0, **options):
         super().__init__(learning_rate, weight_decay, **options)
-        for arg, value in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if not 0 <= value < 1:
-                raise ValueError(f"{arg} must be in [0, 1), got {value!r}")
-        if not epsilon > 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        owner = type(self).__name__
+        self.beta_1 = real(owner, "beta_1", beta_1, 0, 1, high_open=True)
+        self.beta_2 = real(owner, "beta_2", beta_2, 0, 1, high_open=True)
+        self.epsilon = real(owner, "epsilon", epsilon, 0, low_open=True)
         self._scratch = None  # the fast kernels' work array, kept between steps
 
     def __setstate__(self, state):
@@ -400,11 +397,10 @@ class RMSprop(Optimizer):
     def __init__(self, learning_rate=None, rho: float = 0.9, epsilon: float = 1e-7, momentum: float = 0.0,
                  centered: bool = False, weight_decay: float = 0.0, **options):
         super().__init__(learning_rate, weight_decay, **options)
-        if not 0 <= rho < 1:
-            raise ValueError(f"rho must be in [0, 1), got {rho!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.rho, self.epsilon, self.momentum, self.centered = float(rho), float(epsilon), float(momentum), bool(centered)
+        self.rho = real("RMSprop", "rho", rho, 0, 1, high_open=True)
+        self.epsilon = real("RMSprop", "epsilon", epsilon, 0, low_open=True)
+        self.momentum = real("RMSprop", "momentum", momentum, 0, 1, high_open=True)
+        self.centered = flag("RMSprop", "centered", centered)
         self.slots = ("square",) + (("velocity",) if momentum else ()) + (("mean",) if centered else ())
 
     def _step(self, params, grads, lr):

@@ -266,6 +266,9 @@ def test_summary_uses_a_declared_input_width_before_building(capsys):
 
 
 def test_models_show_as_an_html_table_in_notebooks():
-    page = pn.Model([pn.Dense(4, "tanh"), pn.Dense(1, name="out<>")]).build(2)._repr_html_()
-    assert page.startswith("<table>") and "<td>dense_0 (Dense)</td>" in page and "out&lt;&gt; (Dense)" in page
+    class Odd(pn.activations.ActivationFunction):
+        name = "odd<>"  # layer names are identifiers; an activation's name is any string, and is escaped
+
+    page = pn.Model([pn.Dense(4, "tanh"), pn.Dense(1, Odd(), name="out")]).build(2)._repr_html_()
+    assert page.startswith("<table>") and "<td>dense_0 (Dense)</td>" in page and "<td>odd&lt;&gt;</td>" in page
     assert "<td style='text-align:right'>17</td></tr></tfoot>" in page
