@@ -56,6 +56,7 @@ class Optimizer(Owned):
 
     name = "optimizer"
     slots: tuple[str, ...] = ()
+    nonnegative_slots: tuple[str, ...] = ()  # slots that are running means of squares (checked when loaded)
     default_learning_rate = 1e-3
 
     def __init__(self, learning_rate=None, weight_decay: float = 0.0, *, lr=None, decoupled_weight_decay: bool = False,
@@ -179,7 +180,12 @@ class Optimizer(Owned):
         return {"iterations": self.iterations, "slots": dict(self.state)}
 
     def load_state_dict(self, state: dict) -> None:
-        missing = set(self.slots) - set(state.get("slots", {}))
+        """Take back a :meth:`state_dict`: the step count and every slot, or no slot at all (the state of an
+        optimizer that has not stepped yet, which a snapshot taken before training holds)."""
+        if not state.get("slots"):
+            self.iterations, self.state = int(state["iterations"]), {}
+            return
+        missing = set(self.slots) - set(state["slots"])
         if missing:
             raise ValueError(f"optimizer state for {self.name} is missing slots {sorted(missing)}")
         self.iterations = int(state["iterations"])
@@ -329,6 +335,7 @@ class Adam(Optimizer):
 
     name = "adam"
     slots = ("m", "v")
+    nonnegative_slots = ("v",)
 
     def __init__(self, learning_rate=None, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
                  weight_decay: float = 0.0, **options):
@@ -393,6 +400,7 @@ class RMSprop(Optimizer):
     ``learning_rate`` defaults to 1e-3. Other keywords: see :class:`Optimizer`."""
 
     name = "rmsprop"
+    nonnegative_slots = ("square",)
 
     def __init__(self, learning_rate=None, rho: float = 0.9, epsilon: float = 1e-7, momentum: float = 0.0,
                  centered: bool = False, weight_decay: float = 0.0, **options):

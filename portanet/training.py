@@ -81,7 +81,8 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
             raise ValueError(f"{bad[0]} holds NaN or inf (the first in row {bad[1]}); training on it would turn the "
                              "weights into NaN: clean or impute the data first")
     _check_monitors(model, user_callbacks, validation=val is not None or bool(fraction))
-    checkpoint = None if resume_from is None else _io.read_checkpoint(resume_from, model, train.width)
+    checkpoint = None if resume_from is None else _io.read_checkpoint(resume_from, model, train.width,
+                                                                       user_callbacks)
     with _running_lock:
         if model in _running:
             raise RuntimeError("fit() is already running on this model (in another thread); one fit at a time")
