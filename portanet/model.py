@@ -12,6 +12,7 @@ import html
 import math
 import warnings
 
+from . import _interrupts
 from . import data as _data
 from . import export as _export
 from . import io as _io
@@ -280,8 +281,10 @@ class Model:
         return loss, out
 
     def apply_gradients(self) -> None:
-        """One optimizer step from the gradient buffer (filled by :meth:`compute_gradients`)."""
-        self.optimizer.step(self._params.values, self._params.grads, fast=self._device.kernels)
+        """One optimizer step from the gradient buffer (filled by :meth:`compute_gradients`), whole or not at all:
+        Ctrl-C waits until it is complete."""
+        with _interrupts.update():
+            self.optimizer.step(self._params.values, self._params.grads, fast=self._device.kernels)
 
     def test_step(self, x, y, sample_weight=None):
         """``(loss, output)`` for one device batch in inference mode; nothing changes."""
@@ -324,6 +327,7 @@ class Model:
     def train_step(self, x, y, sample_weight=None):
         """One optimizer step on one batch; returns the batch loss as a 0-d array on the device (no host sync)."""
         self._require_compiled("train_step()")
+        _training.check_not_training(self, "train_step()")
         xb, yb, wb = self.prepare_batch(x, y, sample_weight)
         loss, _ = self.compute_gradients(xb, yb, wb)
         self.apply_gradients()
@@ -336,6 +340,7 @@ class Model:
         ``training=False`` (default) disables dropout so the result is deterministic.
         """
         self._require_compiled("loss_and_grads()")
+        _training.check_not_training(self, "loss_and_grads()")
         xb, yb, wb = self.prepare_batch(x, y, sample_weight)
         loss, _ = self.compute_gradients(xb, yb, wb, training=training)
         return float(loss), {name: self._device.copy(g) for name, g in self._params.gradients().items()}
@@ -382,10 +387,11 @@ class Model:
         return self._params.snapshot(self.optimizer, self.random_state())
 
     def restore(self, snapshot) -> None:
-        """Put a :meth:`snapshot` back in place (parameter views stay valid)."""
-        self._params.restore(snapshot, self.optimizer)
-        if snapshot.random is not None:
-            self.set_random_state(snapshot.random)
+        """Put a :meth:`snapshot` back in place (parameter views stay valid); Ctrl-C waits until it is complete."""
+        with _interrupts.update():
+            self._params.restore(snapshot, self.optimizer)
+            if snapshot.random is not None:
+                self.set_random_state(snapshot.random)
 
     def random_state(self) -> dict:
         """JSON-able states of the host generator (initial weights, shuffles, splits) and of the dropout

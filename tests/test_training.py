@@ -160,7 +160,7 @@ def test_inf_in_a_streamed_batch_stops_training_and_puts_the_weights_back(device
     batches = Loader([(x[i:i + 10], SORTED[i:i + 10]) for i in range(0, 80, 10)])
     model = _classifier(device).build(4)
     before = _host(model)
-    with pytest.raises(StreamError, match=r"batch 4 of x in epoch 1 holds NaN or inf"):
+    with pytest.raises(StreamError, match=r"batch 4 of x \(Loader\) in epoch 1 holds NaN or inf"):
         model.fit(batches, epochs=2, verbose=0)
     assert_close(model.parameter_buffer.values, before, device=device, rtol=0, atol=0)
     assert model.optimizer.iterations == 0
