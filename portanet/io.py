@@ -314,6 +314,8 @@ class _File:
 
     def _metadata_entry(self, key, pos):
         text = self._text
+        if key in self.meta:
+            self.fail(f"its __metadata__ holds {key!r:.50} twice")
         if len(self.meta) >= MAX_METADATA_ENTRIES:
             self.fail(f"its __metadata__ holds more than {MAX_METADATA_ENTRIES} entries")
         if text[pos:pos + 1] != '"':

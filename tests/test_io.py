@@ -400,6 +400,8 @@ HOSTILE = [
      r"metadata holds 30000\d JSON lists and objects, more than the limit of 200000"),
     ("metadata that is not text", lambda p: _raw({"__metadata__": {"format": ["portanet"]}}),
      r"__metadata__ must map strings to strings"),
+    ("a metadata entry given twice", lambda p: (lambda t: struct.pack("<Q", len(t)) + t)(
+        b'{"__metadata__":{"format":"portanet","format":"evil"}}'), r"__metadata__ holds 'format' twice"),
 ]
 
 
