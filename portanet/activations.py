@@ -6,6 +6,8 @@ Math only, through the namespace ``xp`` passed in; no array library is imported 
 from __future__ import annotations
 
 import math
+
+from ._checks import real
 from ._registry import resolve
 
 __all__ = [
@@ -86,9 +88,7 @@ class LeakyReLU(ActivationFunction):
     init = "he"
 
     def __init__(self, alpha: float = 0.01):
-        if not 0 <= alpha < 1:
-            raise ValueError(f"leaky_relu alpha must be in [0, 1), got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = real("leaky_relu", "alpha", alpha, 0, 1, high_open=True)
 
     def forward(self, z, xp):
         return xp.where(z > 0, z, self.alpha * z)
@@ -108,9 +108,7 @@ class ELU(ActivationFunction):
     init = "he"
 
     def __init__(self, alpha: float = 1.0):
-        if not alpha > 0:
-            raise ValueError(f"elu alpha must be > 0, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = real("elu", "alpha", alpha, 0, low_open=True)
 
     def forward(self, z, xp):
         return xp.where(z > 0, z, self.alpha * xp.expm1(xp.minimum(z, 0.0)))

@@ -14,7 +14,9 @@ import sys
 import time
 
 from . import io as _io
+from ._checks import integer, real
 from ._owner import Owned
+from .params import Snapshot
 
 __all__ = ["Callback", "CallbackList", "check_callbacks", "History", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler",
            "ReduceLROnPlateau", "TerminateOnNaN"]
@@ -30,7 +32,8 @@ class Callback(Owned):
     (reading it with ``float()`` syncs the device). Setting ``self.model.stop_training = True`` ends training after
     the current epoch. A callback with state that should survive ``fit(resume_from=...)`` returns it from
     ``state_dict()`` (JSON-able values, or a weights snapshot from ``model.snapshot()``) and takes it back in
-    ``load_state_dict()``, called after ``on_train_begin``. ``check_logs(keys)`` raises when the callback would read
+    ``load_state_dict()``, called after ``on_train_begin``; ``check_state_dict()`` says beforehand whether a state
+    read from a checkpoint can be loaded. ``check_logs(keys)`` raises when the callback would read
     a log key the run will never log, so ``fit`` rejects it before training starts. A callback serves one model at
     a time (a second live model raises).
     """
@@ -77,6 +80,12 @@ class Callback(Owned):
 
     def state_dict(self) -> dict:
         return {}
+
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ValueError when ``state`` (a :meth:`state_dict` read back from a checkpoint: JSON values, weights
+        snapshots as :class:`~portanet.params.Snapshot`) cannot be loaded by :meth:`load_state_dict`, changing
+        nothing. ``fit(resume_from=...)`` calls it for every callback before the model changes; a hostile file's
+        values stop here. The default accepts anything."""
 
     def load_state_dict(self, state: dict) -> None:
         pass
@@ -136,9 +145,9 @@ class _Monitor:
     def __init__(self, owner: str, monitor: str, mode: str, min_delta: float):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"{owner} mode must be 'auto', 'min' or 'max', got {mode!r}")
-        if not (isinstance(min_delta, numbers.Real) and min_delta >= 0):
-            raise ValueError(f"{owner} min_delta must be a number >= 0, got {min_delta!r}")
-        self.owner, self.monitor, self.min_delta = owner, monitor, float(min_delta)
+        if not isinstance(monitor, str):
+            raise ValueError(f"{owner} monitor must be a log key (a string), got {monitor!r}")
+        self.owner, self.monitor, self.min_delta = owner, monitor, real(owner, "min_delta", min_delta, 0)
         self.mode = mode if mode != "auto" else ("max" if monitor.endswith(("accuracy", "acc")) else "min")
         self.reset()
 
@@ -161,6 +170,11 @@ class _Monitor:
     def state(self) -> dict:
         return {"best": self.best}
 
+    def check(self, state):
+        best = state.get("best")
+        if isinstance(best, bool) or not isinstance(best, numbers.Real) or math.isnan(best):
+            raise ValueError(f"{self.owner} best must be a number (or +-inf before any epoch), got {best!r:.80}")
+
     def load(self, state):
         self.best = float(state["best"])
 
@@ -169,6 +183,13 @@ def _non_negative_int(owner, name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{owner} {name} must be a non-negative integer, got {value!r}")
     return value
+
+
+_MAX_COUNT = 2**53  # epochs and waits read from a checkpoint: exact as floats, and far beyond any run
+
+
+def _count(owner, name, value) -> int:
+    return integer(owner, name, value, 0, _MAX_COUNT)
 
 
 class EarlyStopping(Callback):
@@ -214,10 +235,20 @@ class EarlyStopping(Callback):
             state["best_weights"] = self.best_weights
         return state
 
+    def check_state_dict(self, state):
+        self._monitor.check(state)
+        _count("EarlyStopping", "wait", state.get("wait"))
+        if state.get("best_epoch") is not None:
+            _count("EarlyStopping", "best_epoch", state["best_epoch"])
+        if "best_weights" in state and not isinstance(state["best_weights"], Snapshot):
+            raise ValueError(f"EarlyStopping best_weights must be a weights snapshot, got "
+                             f"{type(state['best_weights']).__name__}")
+
     def load_state_dict(self, state):
+        self.check_state_dict(state)
         self._monitor.load(state)
-        self.wait, self.best_epoch = int(state["wait"]), state["best_epoch"]
-        if "best_weights" in state:
+        self.wait, self.best_epoch = int(state["wait"]), state.get("best_epoch")
+        if "best_weights" in state and self.restore_best_weights:
             self.best_weights = state["best_weights"]
 
 
@@ -286,7 +317,11 @@ class ModelCheckpoint(Callback):
     def state_dict(self):
         return self._monitor.state()
 
+    def check_state_dict(self, state):
+        self._monitor.check(state)
+
     def load_state_dict(self, state):
+        self.check_state_dict(state)
         self._monitor.load(state)
 
 
@@ -326,12 +361,10 @@ class ReduceLROnPlateau(Callback):
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, min_delta: float = 1e-4,
                  cooldown: int = 0, min_lr: float = 0.0, mode: str = "auto", verbose: int = 0):
-        if not (isinstance(factor, numbers.Real) and 0 < factor < 1):
-            raise ValueError(f"ReduceLROnPlateau factor must be in (0, 1), got {factor!r}")
-        if not (isinstance(min_lr, numbers.Real) and min_lr >= 0):
-            raise ValueError(f"ReduceLROnPlateau min_lr must be >= 0, got {min_lr!r}")
+        self.factor = real("ReduceLROnPlateau", "factor", factor, 0, 1, low_open=True, high_open=True)
+        self.min_lr = real("ReduceLROnPlateau", "min_lr", min_lr, 0)
         self._monitor = _Monitor("ReduceLROnPlateau", monitor, mode, min_delta)
-        self.factor, self.min_lr, self.verbose = float(factor), float(min_lr), verbose
+        self.verbose = verbose
         self.patience = _non_negative_int("ReduceLROnPlateau", "patience", patience)
         self.cooldown = _non_negative_int("ReduceLROnPlateau", "cooldown", cooldown)
         self.on_train_begin()
@@ -365,7 +398,13 @@ class ReduceLROnPlateau(Callback):
     def state_dict(self):
         return {**self._monitor.state(), "wait": self.wait, "cooldown_left": self.cooldown_left}
 
+    def check_state_dict(self, state):
+        self._monitor.check(state)
+        _count("ReduceLROnPlateau", "wait", state.get("wait"))
+        _count("ReduceLROnPlateau", "cooldown_left", state.get("cooldown_left"))
+
     def load_state_dict(self, state):
+        self.check_state_dict(state)
         self._monitor.load(state)
         self.wait, self.cooldown_left = int(state["wait"]), int(state["cooldown_left"])
 

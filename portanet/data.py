@@ -252,8 +252,7 @@ class StreamAdapter(_Adapter):
             raise ValueError(f"steps_per_epoch is required when x is an iterable without a length "
                              f"({type(source).__name__}), got None")
         self.width = None
-        it = source if self.one_shot else iter(source)
-        item = self._next(it, 0)
+        item = self._next(self._iterator(), 0)
         if item is None:
             raise ValueError(f"{_field(prefix, 'x')} ({type(source).__name__}) yielded no batches")
         self.first = self._check(item, 0)
@@ -268,8 +267,9 @@ class StreamAdapter(_Adapter):
         return self.n_steps
 
     def parts(self, batch_size=None, shuffle=False, rng=None, drop_last=False):
-        """Yield this epoch's ``steps`` checked batches (host or device arrays, as the source made them)."""
-        it = self.source if self.one_shot else iter(self.source)
+        """Yield this epoch's ``steps`` checked batches (arrays in memory: host or device, as the source made them;
+        anything else, an h5py dataset say, read into a NumPy array here)."""
+        it = self._iterator()
         for i in range(self.n_steps):
             if self._pending is not None:
                 batch, self._pending = self._pending, None
@@ -282,6 +282,15 @@ class StreamAdapter(_Adapter):
                 raise StreamError(f"{_field(self.prefix, 'x')} ended after {i} batches of this epoch, but "
                                   f"steps_per_epoch={self.n_steps} were expected{hint}")
             yield self._check(item, i)
+
+    def _iterator(self):
+        if self.one_shot:
+            return self.source
+        try:
+            return iter(self.source)
+        except Exception as exc:  # noqa: BLE001 - a source that cannot start an epoch is a data error too
+            raise StreamError(f"starting a pass over {_field(self.prefix, 'x')} ({type(self.source).__name__}) "
+                              f"failed: {type(exc).__name__}: {exc}") from exc
 
     def _next(self, it, i):
         try:
@@ -298,18 +307,26 @@ class StreamAdapter(_Adapter):
             got = type(item).__name__ + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
             raise StreamError(f"{where}: expected an (x, y) or (x, y, sample_weight) tuple, got a {got}")
         try:
-            xb = check_array(item[0], "x")
-            yb = check_array(item[1], "y", ndim=(1, 2))
-            wb = None if len(item) == 2 or item[2] is None else check_array(item[2], "sample_weight", ndim=(1,))
+            xb = _read(check_array(item[0], "x"))
+            yb = _read(check_array(item[1], "y", ndim=(1, 2)))
+            wb = None if len(item) == 2 or item[2] is None else _read(check_array(item[2], "sample_weight", ndim=(1,)))
             check_lengths(x=xb, y=yb, sample_weight=wb)
-        except (TypeError, ValueError) as exc:
-            raise StreamError(f"{where}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - whatever reading or checking the batch raised, it is a data error
+            what = "" if isinstance(exc, (TypeError, ValueError)) else (
+                f"reading it from {type(self.source).__name__} failed: {type(exc).__name__}: ")
+            raise StreamError(f"{where}: {what}{exc}") from exc
         if self.width is not None and xb.shape[1] != self.width:
             raise StreamError(f"{where}: x has {xb.shape[1]} features but batch 0 had {self.width}")
         if self.width is not None and tuple(yb.shape[1:]) != self._y_tail:
             raise StreamError(f"{where}: y has shape {tuple(yb.shape)} but batch 0 had y of shape "
                               f"(samples{''.join(f', {d}' for d in self._y_tail)})")
         return xb, yb, wb
+
+
+def _read(a):
+    """``a`` when it is an array in memory; anything else (an h5py dataset, a memory map yielded as a batch) read
+    into a NumPy array now, while a failure is still a data error."""
+    return a if in_memory(a) else np.asarray(a)
 
 
 def adapt(x, y=None, sample_weight=None, *, steps=None, block_size=None, prefix="", targets=False, streams=True):

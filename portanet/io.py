@@ -10,26 +10,48 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
 
+from . import _interrupts
+from . import layers as _layers
+from . import losses as _losses
+from . import metrics as _metrics
 from . import optimizers as _optimizers
 from ._files import write_atomic as _write_file
 from .backends import to_numpy
 from .params import Snapshot
 
 __all__ = ["ModelFileError", "save", "save_weights", "load", "load_weights", "save_checkpoint", "read_checkpoint",
-           "Checkpoint"]
+           "Checkpoint", "MAX_HEADER_BYTES", "MAX_METADATA_BYTES", "MAX_METADATA_ENTRIES", "MAX_JSON_CONTAINERS",
+           "MAX_TENSORS", "MAX_LAYERS", "MAX_NDIM", "MAX_COUNT"]
 
 FORMAT, VERSION = "portanet", "1"
-_MAX_HEADER = 100 * 2**20  # bytes; the safetensors library's own limit
-_MAX_NDIM = 8  # portanet writes 1-D and 2-D tensors; a longer shape list is hostile (and slow to multiply out)
+# Limits on what a file may hold (README, "Reliability"): beyond them a file is refused with ModelFileError before
+# its content is used, and save() refuses to write one. They keep loading linear in the file with small constants.
+MAX_HEADER_BYTES = 100 * 2**20   # the safetensors format's own limit
+MAX_METADATA_BYTES = 8 * 2**20   # all metadata together (config, optimizer, checkpoint state, history), in characters
+MAX_METADATA_ENTRIES = 64
+MAX_JSON_CONTAINERS = 200_000    # JSON lists and objects in all metadata together
+MAX_TENSORS = 65_536
+MAX_LAYERS = 10_000
+MAX_NDIM = 8                     # portanet writes 1-D and 2-D tensors
+MAX_COUNT = 2**53                # optimizer iterations, epochs, steps: exact as floats, far beyond any run
 _DTYPES = {"F32": "float32", "F64": "float64"}
 _CODES = {name: code for code, name in _DTYPES.items()}
 _OPT, _CALLBACK = "optimizer.", "callback."
+_META_KEYS = {"format", "version", "config", "optimizer", "checkpoint", "checksum"}
+_WS = re.compile(r"[ \t\n\r]*")
+_UINT = re.compile(r"(?:0|[1-9][0-9]{0,19})(?![0-9.eE])")  # a JSON integer >= 0 of at most 20 digits
+# A tensor entry as safetensors writes it, matched in one go (anything else goes through the general scanner)
+_N, _S = r"(?:0|[1-9][0-9]{0,19})(?![0-9.eE])", r"[ \t\n\r]*"
+_ENTRY = re.compile(rf'"([^"\\\x00-\x1f]*)"{_S}:{_S}\{{{_S}"dtype"{_S}:{_S}"([A-Z0-9]{{1,8}})"{_S},{_S}"shape"{_S}:{_S}'
+                    rf'\[{_S}((?:{_N}{_S}(?:,{_S}{_N}{_S}){{0,{MAX_NDIM - 1}}})?)\]{_S},{_S}"data_offsets"{_S}:{_S}'
+                    rf'\[{_S}({_N}){_S},{_S}({_N}){_S}\]{_S}\}}')
 
 
 class ModelFileError(ValueError):
@@ -43,6 +65,7 @@ def save(model, path, include_optimizer: bool = True) -> None:
     ``include_optimizer`` the optimizer state, and the architecture and training configuration
     (``model.get_config()``) as JSON metadata."""
     tensors, meta = _model_parts(model, include_optimizer)
+    _check_writable(model, tensors, meta)
     _write_atomic(path, tensors, meta)
 
 
@@ -75,6 +98,7 @@ def save_checkpoint(model, path, epoch: int, params: dict) -> None:
         "random": random["dropout"], "history": {"epoch": list(history.epoch), "history": history.history},
         "fit": params["fit"], "callbacks": states,
     })
+    _check_writable(model, tensors, meta)
     _write_atomic(path, tensors, meta)
 
 
@@ -94,6 +118,22 @@ def _model_parts(model, include_optimizer):
         tensors.update({_OPT + k: _host(v) for k, v in state["slots"].items()})
         meta["optimizer"] = json.dumps({"iterations": int(state["iterations"])})
     return tensors, meta
+
+
+def _check_writable(model, tensors: dict, meta: dict) -> None:
+    """Refuse (ValueError) to write a file that load() would refuse: non-finite values, or beyond the limits."""
+    if len(model.layers) > MAX_LAYERS:
+        raise ValueError(f"cannot save a model of {len(model.layers)} layers: portanet files hold at most {MAX_LAYERS}")
+    if len(tensors) > MAX_TENSORS:
+        raise ValueError(f"cannot save {len(tensors)} tensors: portanet files hold at most {MAX_TENSORS}")
+    size = sum(len(k) + len(v) for k, v in meta.items())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"cannot save {size} characters of metadata (configuration, history): portanet files hold "
+                         f"at most {MAX_METADATA_BYTES}")
+    for name, a in tensors.items():
+        if not np.isfinite(a).all():
+            raise ValueError(f"cannot save {name}: it holds NaN or inf (fit() never produces such weights; were "
+                             "they set by hand?)")
 
 
 def _digest(meta: dict, tensors: dict) -> str:
@@ -117,7 +157,13 @@ def _write_atomic(path, tensors: dict, meta: dict) -> None:
 
 # -- reading ------------------------------------------------------------------------------------------------------
 class _File:
-    """A safetensors file whose header has been parsed and size-checked; tensor data is read only on request."""
+    """A safetensors file whose header has been parsed and checked; tensor data is read only on request.
+
+    The header is parsed by a scanner that accepts only what a safetensors header may hold (tensor entries of a
+    dtype string, a shape and two offsets, integers of at most 20 digits; metadata mapping strings to strings) and
+    stops at the first entry beyond the limits, so time and memory stay linear in the header with small constants
+    whatever it holds. ``entries``: ``{name: (dtype name, shape, start, stop)}``; ``meta``: the metadata.
+    """
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -129,15 +175,27 @@ class _File:
             if n > size - 8:
                 self.fail(f"its safetensors header claims {n} bytes but the file has {size} in all: truncated or "
                           "not a safetensors file")
-            if n > _MAX_HEADER:
-                self.fail(f"its safetensors header claims {n} bytes, more than the format's limit of {_MAX_HEADER}")
+            if n > MAX_HEADER_BYTES:
+                self.fail(f"its safetensors header claims {n} bytes, more than the format's limit of "
+                          f"{MAX_HEADER_BYTES}")
             raw = f.read(n)
-        header = self._parse(raw)
-        meta = header.pop("__metadata__", {})
-        if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
-            self.fail("its __metadata__ must map strings to strings")
-        self.meta, self.size, self.data_bytes = meta, size, size - 8 - n
-        self.entries = {name: self._entry(name, entry) for name, entry in header.items()}
+        if len(raw) != n:
+            self.fail(f"the file changed size while being read (its header is {len(raw)} bytes, not {n})")
+        self.size, self.data_bytes, self._header_bytes = size, size - 8 - n, n
+        self._header_digest = hashlib.sha256(raw).digest()  # to see that the data read later has this header
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.fail(f"its safetensors header is not valid JSON (not UTF-8: {exc})", exc)
+        del raw
+        self.meta, self.entries, self._text, self._meta_size = {}, {}, text, 0
+        self._parse(text)
+        del self._text
+        self._check_layout()
+        containers = sum(v.count("[") + v.count("{") for v in self.meta.values())
+        if containers > MAX_JSON_CONTAINERS:
+            self.fail(f"its metadata holds {containers} JSON lists and objects, more than the limit of "
+                      f"{MAX_JSON_CONTAINERS}")
 
     def fail(self, why, cause=None):
         raise ModelFileError(f"{self.path}: {why}") from cause
@@ -154,35 +212,187 @@ class _File:
             self.fail("this looks like a pickle (pickle.dump, torch.save), not a safetensors file; portanet never "
                       "unpickles anything: write models with model.save(path)")
 
-    def _parse(self, raw) -> dict:
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            self.fail(f"its safetensors header is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})", exc)
-        if not isinstance(header, dict):
-            self.fail(f"its safetensors header must be a JSON object, got {type(header).__name__}")
-        return header
+    # -- the header scanner ---------------------------------------------------------------------------------------
+    def _syntax(self, text, pos, expected):
+        self.fail(f"its safetensors header is not valid JSON: expected {expected} at character {pos}, got "
+                  f"{text[pos:pos + 40]!r}")
 
-    def _entry(self, name, entry):
-        """``(dtype name, shape)`` of one tensor, after checking that its declared size matches its byte range."""
-        if not (isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}):
-            self.fail(f"tensor {name!r}: expected dtype, shape and data_offsets in the header, got {entry!r:.200}")
-        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    def _ws(self, text, pos):
+        return _WS.match(text, pos).end()
+
+    def _string(self, text, pos):
+        if text[pos:pos + 1] != '"':
+            self._syntax(text, pos, "a string")
+        try:
+            return json.decoder.scanstring(text, pos + 1)
+        except ValueError as exc:  # JSONDecodeError: an unterminated string, a bad escape
+            self.fail(f"its safetensors header is not valid JSON ({exc})", exc)
+
+    def _members(self, text, pos, what):
+        """Yield ``(key, position of its value)`` for each member of the JSON object at ``pos``; the caller parses
+        each value and hands back the position after it with ``send``."""
+        pos = self._ws(text, pos)
+        if text[pos:pos + 1] != "{":
+            self.fail(f"{what} must be a JSON object, got {text[pos:pos + 40]!r}")
+        pos = self._ws(text, pos + 1)
+        if text[pos:pos + 1] == "}":
+            return pos + 1
+        while True:
+            key, pos = self._string(text, pos)
+            pos = self._ws(text, pos)
+            if text[pos:pos + 1] != ":":
+                self._syntax(text, pos, "':'")
+            pos = yield key, self._ws(text, pos + 1)
+            pos = self._ws(text, pos)
+            if text[pos:pos + 1] == "}":
+                return pos + 1
+            if text[pos:pos + 1] != ",":
+                self._syntax(text, pos, "',' or '}'")
+            pos = self._ws(text, pos + 1)
+
+    def _walk(self, text, pos, what, value):
+        """Parse the object at ``pos`` calling ``value(key, position) -> position after the value``; return the
+        position after the object."""
+        members = self._members(text, pos, what)
+        try:
+            key, at = next(members)
+            while True:
+                key, at = members.send(value(key, at))
+        except StopIteration as done:
+            return done.value
+
+    def _parse(self, text):
+        """The top-level object: each member a tensor entry (one regular-expression match when written the usual
+        way, else :meth:`_top`) or ``__metadata__``."""
+        pos = self._ws(text, 0)
+        if text[pos:pos + 1] != "{":
+            self.fail(f"its safetensors header must be a JSON object, got {text[pos:pos + 40]!r}")
+        pos = self._ws(text, pos + 1)
+        if text[pos:pos + 1] == "}":
+            pos += 1
+        else:
+            while True:
+                match = _ENTRY.match(text, pos)
+                if match is not None:
+                    name, code, shape, start, stop = match.groups()
+                    self._add(name, {"dtype": code, "shape": [int(d) for d in shape.split(",")] if shape else [],
+                                     "data_offsets": [int(start), int(stop)]})
+                    pos = match.end()
+                else:
+                    name, pos = self._string(text, pos)
+                    pos = self._ws(text, pos)
+                    if text[pos:pos + 1] != ":":
+                        self._syntax(text, pos, "':'")
+                    pos = self._top(name, self._ws(text, pos + 1))
+                pos = self._ws(text, pos)
+                if text[pos:pos + 1] == "}":
+                    pos += 1
+                    break
+                if text[pos:pos + 1] != ",":
+                    self._syntax(text, pos, "',' or '}'")
+                pos = self._ws(text, pos + 1)
+        if self._ws(text, pos) != len(text):
+            self._syntax(text, self._ws(text, pos), "the end of the header")
+
+    def _add(self, name, fields):
+        if name == "__metadata__" or name in self.entries:
+            self.fail(f"{name!r:.100} appears twice in its header" if name in self.entries else
+                      "its __metadata__ must map strings to strings, got a tensor entry")
+        if len(self.entries) >= MAX_TENSORS:
+            self.fail(f"it holds more than {MAX_TENSORS} tensors, the limit for portanet files")
+        self.entries[name] = self._entry(name, fields)
+
+    def _top(self, name, pos):
+        if name == "__metadata__":
+            if self.meta:
+                self.fail("its header holds __metadata__ twice")
+            return self._walk(self._text, pos, "its __metadata__", self._metadata_entry)
+        fields = {}
+        end = self._walk(self._text, pos, f"tensor {name!r:.100}", lambda key, at: self._field(name, fields, key, at))
+        self._add(name, fields)
+        return end
+
+    def _metadata_entry(self, key, pos):
+        text = self._text
+        if key in self.meta:
+            self.fail(f"its __metadata__ holds {key!r:.50} twice")
+        if len(self.meta) >= MAX_METADATA_ENTRIES:
+            self.fail(f"its __metadata__ holds more than {MAX_METADATA_ENTRIES} entries")
+        if text[pos:pos + 1] != '"':
+            self.fail(f"its __metadata__ must map strings to strings; {key!r:.50} maps to {text[pos:pos + 40]!r}")
+        value, end = self._string(text, pos)
+        self._meta_size += len(key) + len(value)
+        if self._meta_size > MAX_METADATA_BYTES:
+            self.fail(f"its metadata is longer than the limit of {MAX_METADATA_BYTES} characters")
+        self.meta[key] = value
+        return end
+
+    def _field(self, name, fields, key, pos):
+        text = self._text
+        if key not in ("dtype", "shape", "data_offsets") or key in fields:
+            self.fail(f"tensor {name!r:.100}: expected dtype, shape and data_offsets in the header, got "
+                      f"{'a second ' if key in fields else ''}{key!r:.50}")
+        if key == "dtype":
+            if text[pos:pos + 1] != '"':
+                self.fail(f"tensor {name!r:.100} has dtype {text[pos:pos + 40]!r}; portanet files hold F32 or F64 "
+                          "tensors")
+            fields[key], end = self._string(text, pos)
+            return end
+        limit = MAX_NDIM if key == "shape" else 2
+        numbers, pos = [], self._ws(text, pos)
+        bad = (f"tensor {name!r:.100} has {key} {text[pos:pos + 60]!r}...; expected a list of at most {limit} "
+               "non-negative integers")
+        if text[pos:pos + 1] != "[":
+            self.fail(bad)
+        pos = self._ws(text, pos + 1)
+        if text[pos:pos + 1] == "]":
+            fields[key] = numbers
+            return pos + 1
+        while True:
+            match = _UINT.match(text, pos)
+            if match is None or len(numbers) == limit:
+                self.fail(bad)
+            numbers.append(int(match.group()))
+            pos = self._ws(text, match.end())
+            if text[pos:pos + 1] == "]":
+                fields[key] = numbers
+                return pos + 1
+            if text[pos:pos + 1] != ",":
+                self.fail(bad)
+            pos = self._ws(text, pos + 1)
+
+    def _entry(self, name, fields):
+        """``(dtype name, shape, start, stop)`` of one tensor, after checking that its declared size matches its
+        byte range."""
+        if len(fields) != 3:
+            self.fail(f"tensor {name!r:.100}: expected dtype, shape and data_offsets in the header, got "
+                      f"{sorted(fields)}")
+        code, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
         if code not in _DTYPES:
-            self.fail(f"tensor {name!r} has dtype {code!r:.50}; portanet files hold F32 or F64 tensors")
-        if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)):
-            self.fail(f"tensor {name!r} has shape {shape!r:.200}; expected a list of at most {_MAX_NDIM} "
-                      "non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= self.data_bytes):
-            self.fail(f"tensor {name!r} has data_offsets {offsets!r:.200} outside the {self.data_bytes} data bytes "
-                      "in the file (truncated?)")
+            self.fail(f"tensor {name!r:.100} has dtype {code!r:.50}; portanet files hold F32 or F64 tensors")
+        if len(offsets) != 2 or not offsets[0] <= offsets[1] <= self.data_bytes:
+            self.fail(f"tensor {name!r:.100} has data_offsets {offsets!r:.200} outside the {self.data_bytes} data "
+                      "bytes in the file (truncated?)")
         declared = math.prod(shape) * np.dtype(_DTYPES[code]).itemsize  # Python ints: no overflow, no allocation
         if declared != offsets[1] - offsets[0]:
-            self.fail(f"tensor {name!r} declares shape {tuple(shape)} ({declared} bytes) but spans "
+            self.fail(f"tensor {name!r:.100} declares shape {tuple(shape)} ({declared} bytes) but spans "
                       f"{offsets[1] - offsets[0]} bytes")
-        return _DTYPES[code], tuple(shape)
+        return _DTYPES[code], tuple(shape), offsets[0], offsets[1]
 
+    def _check_layout(self):
+        """The tensors' byte ranges tile the data exactly, as the safetensors format requires (no gap, no overlap:
+        no byte read twice under two names)."""
+        end = 0
+        for name, (_, _, start, stop) in sorted(self.entries.items(), key=lambda item: item[1][2:]):
+            if start != end:
+                self.fail(f"tensor {name!r:.100} starts at data byte {start}, but the tensor before it ends at {end} "
+                          "(a gap or an overlap)")
+            end = stop
+        if end != self.data_bytes:
+            self.fail(f"its tensors end at data byte {end}, but the file holds {self.data_bytes} (truncated, or "
+                      "bytes appended)")
+
+    # -- what the loaders use ---------------------------------------------------------------------------------------
     def json(self, key, required=True):
         if key not in self.meta:
             if required:
@@ -200,38 +410,47 @@ class _File:
         if self.meta.get("version") != VERSION:
             self.fail(f"written by an unsupported portanet format version {self.meta.get('version')!r:.50} "
                       f"(this portanet reads version {VERSION})")
+        unknown = sorted(set(self.meta) - _META_KEYS)
+        if unknown:
+            self.fail(f"its metadata holds {unknown[:5]!r:.200}, which portanet files of version {VERSION} never do "
+                      f"(they hold {sorted(_META_KEYS)})")
 
     def check_tensors(self, expected: dict, dtype: str | None, exact: bool = True):
         """Names (all of ``expected``; nothing else when ``exact``), shapes and, with ``dtype``, dtypes."""
         missing = [n for n in expected if n not in self.entries]
         if missing:
             self.fail(f"it lacks tensors {missing[:10]} that the architecture needs")
-        extra = sorted(set(self.entries) - set(expected))
-        if exact and extra:
+        if exact and len(self.entries) > len(expected):
+            extra = sorted(n for n in self.entries if n not in expected)
             self.fail(f"it holds tensors {extra[:10]!r:.300} that the architecture does not have")
         for name, shape in expected.items():
-            got_dtype, got_shape = self.entries[name]
+            got_dtype, got_shape = self.entries[name][:2]
             if got_shape != tuple(shape):
                 self.fail(f"tensor {name!r} has shape {got_shape}, but the architecture needs {tuple(shape)}")
             if dtype is not None and got_dtype != dtype:
                 self.fail(f"tensor {name!r} has dtype {got_dtype}, but the model's dtype is {dtype}")
 
-    def arrays(self) -> dict:
-        """Every tensor as a host NumPy array, after verifying the checksum when the file has one."""
+    def arrays(self, used) -> dict:
+        """Every tensor as a host NumPy array (views of one buffer holding the file), after verifying the checksum
+        (required in portanet files) and that the tensors named in ``used`` hold no NaN or inf."""
+        if "checksum" not in self.meta and self.meta.get("format") == FORMAT:
+            self.fail("it has no checksum in its metadata: portanet writes one into every file, so the file was "
+                      "damaged or edited")
+        data = bytearray(self.size + 1)
         with open(self.path, "rb") as f:
-            data = f.read(self.size + 1)
-        try:
-            if len(data) != self.size:
-                raise ValueError(f"the file changed size while being read ({self.size} -> {len(data)} bytes)")
-            arrays = safetensors.numpy.load(data)
-        except Exception as exc:  # noqa: BLE001 - whatever the parser says about these bytes, the file is bad
-            self.fail(f"its tensor data cannot be read ({type(exc).__name__}: {str(exc)[:200]})", exc)
-        for name, (dtype, shape) in self.entries.items():  # the bytes read are the bytes checked
-            a = arrays.get(name)
-            if a is None or a.dtype != np.dtype(dtype) or a.shape != shape:
-                self.fail(f"tensor {name!r} changed while the file was being read")
+            got = f.readinto(data)
+        base = 8 + self._header_bytes
+        if got != self.size or hashlib.sha256(memoryview(data)[8:base]).digest() != self._header_digest:
+            self.fail("the file changed while being read")
+        arrays = {name: np.frombuffer(data, np.dtype(dtype).newbyteorder("<"), math.prod(shape),
+                                      base + start).reshape(shape)
+                  for name, (dtype, shape, start, _) in self.entries.items()}
         if "checksum" in self.meta and _digest(self.meta, arrays) != self.meta["checksum"]:
             self.fail("its checksum does not match its contents: the file is corrupted")
+        for name in used:
+            if not np.isfinite(arrays[name]).all():
+                self.fail(f"tensor {name!r} holds NaN or inf (portanet never saves such values: the file was "
+                          "damaged or edited)")
         return arrays
 
 
@@ -258,21 +477,43 @@ def _require(file, ok, why):
 def _architecture(file: _File, factory):
     """An unbuilt, compiled (when the file says so) model made by ``factory(config)`` from the file's config, and
     the shapes of its parameters and state."""
+    config = _config(file)
+    with _invalid(file, "config"):
+        model = factory(config)
+        shapes = _shapes(model.layers, config["input_dim"])
+    return model, config, shapes
+
+
+def _config(file: _File) -> dict:
+    """The file's model config, every value checked before use: its structure here, hyperparameters by the
+    constructors they go to (each layer, the loss, the optimizer, each metric), errors naming the field."""
     config = file.json("config")
     _require(file, isinstance(config, dict) and {"layers", "input_dim", "dtype"} <= set(config),
              "its config must be an object with layers, input_dim and dtype")
     layers, input_dim, dtype = config["layers"], config["input_dim"], config["dtype"]
-    _require(file, isinstance(layers, list) and layers, "its config must list at least one layer")
-    _require(file, _is_int(input_dim) and input_dim > 0, f"its config input_dim must be a positive integer, got {input_dim!r:.50}")
+    _require(file, isinstance(layers, list) and 1 <= len(layers) <= MAX_LAYERS,
+             f"its config must list between 1 and {MAX_LAYERS} layers, got "
+             f"{len(layers) if isinstance(layers, list) else type(layers).__name__}")
+    _require(file, _is_int(input_dim) and 0 < input_dim < MAX_COUNT,
+             f"its config input_dim must be a positive integer, got {input_dim!r:.50}")
     _require(file, isinstance(dtype, str) and dtype in _CODES,
              f"its config dtype must be float32 or float64, got {dtype!r:.50}")
-    with _invalid(file, "model config"):
-        for layer in layers:
-            if not (isinstance(layer, dict) and isinstance(layer.get("name"), str)):
-                raise ValueError(f"each layer must be an object with a string name, got {layer!r:.100}")
-        model = factory(config)
-        shapes = _shapes(model.layers, input_dim)
-    return model, config, shapes
+    for i, layer in enumerate(layers):
+        _require(file, isinstance(layer, dict) and isinstance(layer.get("name"), str),
+                 f"each layer must be an object with a string name; config layers[{i}] is {layer!r:.100}")
+        with _invalid(file, f"config layers[{i}]"):
+            _layers.get(layer)
+    for key, get in (("loss", _losses.get), ("optimizer", _optimizers.get)):
+        if config.get(key) is not None:
+            with _invalid(file, f"config {key}"):
+                get(config[key])
+    metrics = config.get("metrics")
+    _require(file, metrics is None or isinstance(metrics, list), f"its config metrics must be a list, got "
+                                                                 f"{type(metrics).__name__}")
+    for i, metric in enumerate(metrics or []):
+        with _invalid(file, f"config metrics[{i}]"):
+            _metrics.get(metric)
+    return config
 
 
 def _shapes(layers, input_dim) -> tuple:
@@ -291,9 +532,28 @@ def _optimizer_slots(file: _File, optimizer, n_params: int) -> dict:
     if state is None:
         return {}
     _require(file, optimizer is not None, "it has optimizer state but no optimizer in its config")
-    _require(file, isinstance(state, dict) and _is_int(state.get("iterations")) and 0 <= state["iterations"] < 2**63,
-             f"its optimizer state must hold a non-negative integer iterations, got {state!r:.100}")
+    _require(file, isinstance(state, dict) and _is_int(state.get("iterations"))
+             and 0 <= state["iterations"] < MAX_COUNT,
+             f"its optimizer state must hold iterations, an integer in [0, 2**53), got {state!r:.100}")
     return {_OPT + slot: (n_params,) for slot in optimizer.slots}
+
+
+def _callback_shapes(file: _File, n: int, m: int) -> dict:
+    """``{name: shape}`` of the callbacks' weights snapshots in the file: ``callback.<class>.<n>.<field>.values``
+    of shape (n,) (the parameters) and ``....state`` of shape (m,), always in pairs."""
+    shapes = {}
+    for name in file.entries:
+        if name.startswith(_CALLBACK):
+            parts = name[len(_CALLBACK):].split(".")
+            _require(file, len(parts) == 4 and parts[0].isidentifier() and parts[1].isdigit()
+                     and parts[2].isidentifier() and parts[3] in ("values", "state"),
+                     f"callback tensor {name!r:.100} must be named callback.<class>.<n>.<field>.values or .state")
+            shapes[name] = (n,) if parts[3] == "values" else (m,)
+    for name in shapes:
+        pair = name[: name.rindex(".")]
+        _require(file, f"{pair}.values" in shapes and f"{pair}.state" in shapes,
+                 f"callback snapshot {pair!r:.100} needs both its .values and .state tensors")
+    return shapes
 
 
 def _flat(arrays, shapes) -> np.ndarray:
@@ -301,12 +561,28 @@ def _flat(arrays, shapes) -> np.ndarray:
 
 
 def _assign(model, arrays, shapes) -> None:
-    """Write the file's parameters and state into the built model's buffer."""
+    """Write the file's parameters and state into the built model's buffer (one update: Ctrl-C waits for it)."""
     buffer, dev = model.parameter_buffer, model.device
     params, states = shapes
-    buffer.values[...] = dev.from_host(_flat(arrays, params), model.dtype)
-    if states:
-        buffer.state[...] = dev.from_host(_flat(arrays, states), model.dtype)
+    values = dev.from_host(_flat(arrays, params), model.dtype)
+    state = dev.from_host(_flat(arrays, states), model.dtype) if states else None
+    with _interrupts.update():
+        buffer.values[...] = values
+        if state is not None:
+            buffer.state[...] = state
+
+
+def _own(dev, a, dtype):
+    """A device array of its own (never a view of the buffer the file was read into)."""
+    return dev.from_host(np.array(a, dtype=dtype))
+
+
+def _check_slots(file, optimizer, arrays):
+    """Slots that are running means of squares (Adam's ``v``) hold no negative value (its square root would be NaN)."""
+    for slot in getattr(optimizer, "nonnegative_slots", ()):
+        a = arrays.get(_OPT + slot)
+        if a is not None and not (a >= 0).all():
+            file.fail(f"tensor {_OPT + slot!r} holds negative values; it is a running mean of squared gradients")
 
 
 def _restore_optimizer(model, file, arrays):
@@ -314,7 +590,7 @@ def _restore_optimizer(model, file, arrays):
     if state is not None:
         dev, opt = model.device, model.optimizer
         opt.load_state_dict({"iterations": state["iterations"],
-                             "slots": {s: dev.from_host(arrays[_OPT + s], model.dtype) for s in opt.slots}})
+                             "slots": {s: _own(dev, arrays[_OPT + s], model.dtype) for s in opt.slots}})
 
 
 def _count(shapes) -> int:
@@ -331,13 +607,14 @@ def load(path, factory):
     file = _File(path)
     file.check_portanet()
     model, config, shapes = _architecture(file, factory)
-    expected = {**shapes[0], **shapes[1], **_optimizer_slots(file, model.optimizer, _count(shapes[0]))}
-    checkpoint = file.json("checkpoint", required=False)
-    if checkpoint is not None:
-        expected.update({k: v[1] for k, v in file.entries.items() if k.startswith(_CALLBACK)})
+    n, m = _count(shapes[0]), _count(shapes[1])
+    expected = {**shapes[0], **shapes[1], **_optimizer_slots(file, model.optimizer, n)}
+    if file.json("checkpoint", required=False) is not None:
+        expected.update(_callback_shapes(file, n, m))
     file.check_tensors(expected, config["dtype"])
-    arrays = file.arrays()
-    with _invalid(file, "model config"):
+    arrays = file.arrays(expected)
+    _check_slots(file, model.optimizer, arrays)
+    with _invalid(file, "config"):
         model.build(config["input_dim"])
     _assign(model, arrays, shapes)
     _restore_optimizer(model, file, arrays)
@@ -346,27 +623,27 @@ def load(path, factory):
 
 def load_weights(model, path) -> None:
     """Copy the weights (and state) in ``path`` into ``model``: any portanet file (model, weights, checkpoint), or a
-    safetensors file whose tensors are named like ``model.parameters()``. Names and shapes are checked before
-    anything changes; float32 / float64 are cast to the model's dtype. An unbuilt model is built for the file's
-    input width."""
+    safetensors file whose tensors are named like ``model.parameters()``. Names, shapes, the checksum and that the
+    values are finite are checked before anything changes; float32 / float64 are cast to the model's dtype. An
+    unbuilt model is built for the input width a portanet file records (RuntimeError for another file)."""
     file = _File(path)
-    config = file.json("config", required=False) if file.meta.get("format") == FORMAT else None
     if model.built:
         width = model.input_dim
-    else:
+    elif file.meta.get("format") == FORMAT:
+        config = file.json("config")
         width = config.get("input_dim") if isinstance(config, dict) else None
-        if config is not None and not (_is_int(width) and width > 0):
-            file.fail(f"its config input_dim must be a positive integer, got {width!r:.50}")
-        if width is None:
-            raise RuntimeError("load_weights() on an unbuilt model needs the input width: call model.build(input_dim) "
-                               f"first ({file.path} does not record it)")
+        _require(file, _is_int(width) and 0 < width < MAX_COUNT,
+                 f"its config input_dim must be a positive integer, got {width!r:.50}")
+    else:
+        raise RuntimeError("load_weights() on an unbuilt model needs the input width: call model.build(input_dim) "
+                           f"first ({file.path} does not record it)")
     with _invalid(file, "layer list"):
         model.check_input_dim(width)
         shapes = _shapes(model.layers, width)
     params, states = shapes
     present_states = {k: v for k, v in states.items() if k in file.entries}
     file.check_tensors({**params, **present_states}, None, exact=False)
-    arrays = file.arrays()
+    arrays = file.arrays({**params, **present_states})
     if not model.built:
         model.build(width)
     _assign(model, arrays, (params, present_states) if len(present_states) == len(states) else (params, {}))
@@ -393,12 +670,23 @@ class Checkpoint:
                 key, field, part = name[len(_CALLBACK):].rsplit(".", 2)
                 self._snapshots.setdefault((key, field), {})[part] = a
 
+    def check_callback_states(self, callbacks) -> None:
+        """Ask each callback whether it can take its saved state (``Callback.check_state_dict``), weights
+        snapshots included as host arrays; changes nothing. Raises :class:`ModelFileError` naming the callback."""
+        states = {key: dict(value) for key, value in self.callbacks.items()}
+        for (key, field), parts in self._snapshots.items():
+            states.setdefault(key, {})[field] = Snapshot(parts["values"], parts["state"])
+        for key, callback in _keyed(callbacks):
+            if key in states:
+                with _invalid(self._file, f"state of callback {key}"):
+                    callback.check_state_dict(states[key])
+
     def load_callback_states(self, callbacks, model) -> None:
         """Give each callback its saved state, matched by class name and position among callbacks of its class;
         weights snapshots are sent to ``model``'s device first."""
         dev = model.device
         for (key, field), parts in self._snapshots.items():
-            snap = Snapshot(dev.from_host(parts["values"], model.dtype), dev.from_host(parts["state"], model.dtype))
+            snap = Snapshot(_own(dev, parts["values"], model.dtype), _own(dev, parts["state"], model.dtype))
             self.callbacks.setdefault(key, {})[field] = snap
         for key, callback in _keyed(callbacks):
             if key in self.callbacks:
@@ -408,16 +696,17 @@ class Checkpoint:
     def restore(self, model) -> None:
         """Weights, state, optimizer (type, hyperparameters, state), host RNG and dropout generator state, into
         ``model`` (built)."""
-        _assign(model, self._arrays, self._shapes)
-        model.compile(model.loss, self._optimizer, model.metrics)
-        _restore_optimizer(model, self._file, self._arrays)
-        model.set_random_state(self._random)
+        with _interrupts.update():
+            _assign(model, self._arrays, self._shapes)
+            model.compile(model.loss, self._optimizer, model.metrics)
+            _restore_optimizer(model, self._file, self._arrays)
+            model.set_random_state(self._random)
 
 
-def read_checkpoint(path, model, input_dim: int) -> Checkpoint:
+def read_checkpoint(path, model, input_dim: int, callbacks=None) -> Checkpoint:
     """Read and validate the checkpoint at ``path`` for ``model`` (compiled; built or to be built for inputs of
-    width ``input_dim``; same layers, input width and dtype) without changing anything. Raises
-    :class:`ModelFileError`."""
+    width ``input_dim``; same layers, input width and dtype) without changing anything; with ``callbacks`` (the
+    run's), also that each can take its saved state. Raises :class:`ModelFileError`."""
     file = _File(path)
     file.check_portanet()
     config = file.json("config")
@@ -430,40 +719,36 @@ def read_checkpoint(path, model, input_dim: int) -> Checkpoint:
         if config.get(key) != mine[key]:
             file.fail(f"it was saved from a different model: {key} is {config.get(key)!r:.300} in the checkpoint "
                       f"but {mine[key]!r:.300} in this model")
-    with _invalid(file, "optimizer config"):
+    with _invalid(file, "config optimizer"):
         optimizer = _optimizers.get(config.get("optimizer"))
     _check_state(file, state, model)
     shapes = _shapes(model.layers, input_dim)
     n, m = _count(shapes[0]), _count(shapes[1])
-    expected = {**shapes[0], **shapes[1], **_optimizer_slots(file, optimizer, n)}
-    for name, (dtype, shape) in file.entries.items():
-        if name.startswith(_CALLBACK):
-            parts = name[len(_CALLBACK):].split(".")
-            _require(file, len(parts) == 4 and parts[3] in ("values", "state"),
-                     f"callback tensor {name!r:.100} must be named callback.<class>.<n>.<field>.values or .state")
-            expected[name] = (n,) if parts[3] == "values" else (m,)
+    expected = {**shapes[0], **shapes[1], **_optimizer_slots(file, optimizer, n), **_callback_shapes(file, n, m)}
     file.check_tensors(expected, model.dtype)
-    pairs = {n_[: n_.rindex(".")] for n_ in expected if n_.startswith(_CALLBACK)}
-    for pair in pairs:
-        _require(file, f"{pair}.values" in expected and f"{pair}.state" in expected,
-                 f"callback snapshot {pair!r:.100} needs both its .values and .state tensors")
-    return Checkpoint(file, state, optimizer, file.arrays(), shapes)
+    arrays = file.arrays(expected)
+    _check_slots(file, optimizer, arrays)
+    checkpoint = Checkpoint(file, state, optimizer, arrays, shapes)
+    if callbacks is not None:
+        checkpoint.check_callback_states(callbacks)
+    return checkpoint
 
 
 def _check_state(file, state, model):
     _require(file, isinstance(state, dict) and {"epoch", "step", "rng", "random", "history", "fit", "callbacks"}
              <= set(state), "its checkpoint entry must hold epoch, step, rng, random, history, fit and callbacks")
     for key in ("epoch", "step"):
-        _require(file, _is_int(state[key]) and 0 <= state[key] < 2**63,
-                 f"checkpoint {key} must be a non-negative integer")
+        _require(file, _is_int(state[key]) and 0 <= state[key] < MAX_COUNT,
+                 f"checkpoint {key} must be a non-negative integer below 2**53, got {state[key]!r:.50}")
     with _invalid(file, "random generator state"):
         np.random.Generator(type(model.rng.bit_generator)()).bit_generator.state = state["rng"]
         if state["random"] is not None:
             model.device.random_source(0).set_state(state["random"])
     history = state["history"]
     _require(file, isinstance(history, dict) and isinstance(history.get("epoch"), list)
-             and all(_is_int(e) for e in history["epoch"]) and isinstance(history.get("history"), dict),
-             "its history must hold an epoch list and a history object")
+             and all(_is_int(e) and 0 <= e < MAX_COUNT for e in history["epoch"])
+             and isinstance(history.get("history"), dict),
+             "its history must hold an epoch list (integers >= 0) and a history object")
     n = len(history["epoch"])
     for key, values in history["history"].items():
         _require(file, isinstance(values, list) and len(values) == n
@@ -471,8 +756,8 @@ def _check_state(file, state, model):
                  f"history[{key!r:.50}] must be a list of {n} numbers")
     fit = state["fit"]
     _require(file, isinstance(fit, dict) and (fit.get("split_seed") is None or _is_int(fit["split_seed"])
-                                              and fit["split_seed"] >= 0),
-             "its fit configuration must be a JSON object (split_seed a non-negative integer or null)")
+                                              and 0 <= fit["split_seed"] < 2**63),
+             "its fit configuration must be a JSON object (split_seed an integer in [0, 2**63) or null)")
     callbacks = state["callbacks"]
     _require(file, isinstance(callbacks, dict) and all(isinstance(v, dict) for v in callbacks.values()),
              "its callback states must be JSON objects")

@@ -13,17 +13,33 @@ import copy
 import inspect
 import math
 import numbers
+import re
 
 from . import activations
 from . import initializers as _initializers
 from . import regularizers as _regularizers
+from ._checks import flag, real
 from ._owner import Owned
 from ._registry import resolve
 from .backends import host_rng
 
-__all__ = ["Layer", "Dense", "Dropout", "Activation", "LayerNormalization", "BatchNormalization", "LAYERS", "get"]
+__all__ = ["Layer", "Dense", "Dropout", "Activation", "LayerNormalization", "BatchNormalization", "LAYERS", "get", "check_name",
+           "RESERVED_NAMES"]
 
 _DEFAULT_KERNEL_INIT = {"he": _initializers.HeNormal, "glorot": _initializers.GlorotUniform}
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+RESERVED_NAMES = ("optimizer", "callback")  # sections of a model file: "optimizer.m", "callback.EarlyStopping.0..."
+
+
+def check_name(name) -> str:
+    """``name`` when it can name a layer: an ASCII identifier (letters, digits, underscores, not starting with a
+    digit) of at most 64 characters, other than "optimizer" and "callback". Parameters are named "<layer>.<key>" in
+    files, so a name with a dot, or a reserved one, could collide with another tensor. Else ValueError."""
+    if not (isinstance(name, str) and _NAME.fullmatch(name)) or name in RESERVED_NAMES:
+        raise ValueError(f"a layer name must be an identifier of letters, digits and underscores (at most 64, not "
+                         f"starting with a digit) other than {' and '.join(RESERVED_NAMES)}, got {name!r:.80}")
+    return name
 
 
 def _initializer(owner: str, arg: str, spec):
@@ -65,13 +81,21 @@ class Layer(Owned):
     min_training_rows = 1
 
     def __init__(self, name: str | None = None):
-        self.name = name
+        self.name = name  # checked by check_name (None: the model names it "<kind>_<n>")
         self.params: dict = {}
         self.grads: dict = {}
         self.state: dict = {}
         self.input_dim: int | None = None
         self._xp = None
         self._kernels = None
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @name.setter
+    def name(self, value):
+        self._name = None if value is None else check_name(value)
 
     def output_dim(self, in_dim: int) -> int:
         return in_dim
@@ -186,7 +210,7 @@ class Dense(Layer):
             raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
         self.units = units
         self.activation = activations.get(activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = flag("Dense", "use_bias", use_bias)
         self.kernel_initializer = None if kernel_initializer is None else _initializer(
             "Dense", "kernel_initializer", kernel_initializer)
         self.bias_initializer = _initializer("Dense", "bias_initializer", bias_initializer)
@@ -276,9 +300,7 @@ class Dropout(Layer):
 
     def __init__(self, rate: float, name: str | None = None):
         super().__init__(name)
-        if isinstance(rate, bool) or not (isinstance(rate, (int, float)) and 0 <= rate < 1):
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate!r}")
-        self.rate = float(rate)
+        self.rate = real("dropout", "rate", rate, 0, 1, high_open=True)
         self._random = None
 
     def bind(self, xp, params, grads, state=None, random_source=None, kernels=None):

@@ -6,6 +6,8 @@ Math only, through the namespace ``xp`` passed in. The batch mean (and sample we
 from __future__ import annotations
 
 import array_api_compat
+
+from ._checks import flag, real
 from ._registry import resolve
 
 __all__ = [
@@ -32,7 +34,7 @@ class Loss:
     sparse = False
 
     def __init__(self, from_logits: bool = False):
-        self.from_logits = bool(from_logits)
+        self.from_logits = flag(type(self).__name__, "from_logits", from_logits)
 
     def per_sample(self, pred, y, xp):
         raise NotImplementedError
@@ -154,9 +156,7 @@ class Huber(Loss):
 
     def __init__(self, delta: float = 1.0):
         super().__init__()
-        if not delta > 0:
-            raise ValueError(f"huber delta must be > 0, got {delta!r}")
-        self.delta = float(delta)
+        self.delta = real("huber", "delta", delta, 0, low_open=True)
 
     def per_sample(self, pred, y, xp):
         r = pred - _as_column(y, xp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array_api_compat
 
+from ._checks import real
 from ._registry import resolve
 
 __all__ = ["Metric", "Accuracy", "BinaryAccuracy", "TopKAccuracy", "MeanSquaredError", "MeanAbsoluteError", "get",
@@ -65,9 +66,7 @@ class BinaryAccuracy(Metric):
 
     def __init__(self, threshold: float = 0.5, name: str | None = None):
         super().__init__(name)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
-            raise ValueError(f"binary_accuracy threshold must be a number, got {threshold!r}")
-        self.threshold = float(threshold)
+        self.threshold = real("binary_accuracy", "threshold", threshold)
 
     def batch_sum(self, pred, y, xp):
         hit = (pred > self.threshold) == (_column(y, xp, pred.dtype) > 0.5)

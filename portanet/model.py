@@ -14,6 +14,7 @@ import math
 import warnings
 
 from . import checks as _checks
+from . import _interrupts
 from . import data as _data
 from . import export as _export
 from . import io as _io
@@ -64,6 +65,8 @@ class Model:
         self.seed = seed
         self.rng = host_rng(seed)
         self.layers: list = []
+        self._layer_names: set = set()  # names in use and layers per kind: add() in O(1), loading in linear time
+        self._kind_counts: dict = {}
         self.input_dim = None
         self.loss = None
         self.optimizer = None
@@ -122,12 +125,14 @@ class Model:
             raise RuntimeError("cannot add layers to a model that is already built (it has trained or seen data)")
         name = layer.name
         if name is None:
-            name = f"{layer.kind}_{sum(1 for other in self.layers if other.kind == layer.kind)}"
-        if any(other.name == name for other in self.layers):
+            name = f"{layer.kind}_{self._kind_counts.get(layer.kind, 0)}"
+        if name in self._layer_names:
             raise ValueError(f"layer name {name!r} is already used in this model")
         layer.attach(self, f"layer {name!r}")
         layer.name = name
         self.layers.append(layer)
+        self._layer_names.add(name)
+        self._kind_counts[layer.kind] = self._kind_counts.get(layer.kind, 0) + 1
         return self
 
     @property
@@ -182,7 +187,10 @@ class Model:
         for layer in self.layers:
             p, g, s = views[layer.name]
             layer.bind(self.xp, p, g, s, random_source, kernels)
-        self._need_input_grad = [any(l.param_shapes(1) for l in self.layers[:i]) for i in range(len(self.layers))]
+        need, self._need_input_grad = False, []
+        for layer in self.layers:  # a layer needs its input gradient when some layer before it has parameters
+            self._need_input_grad.append(need)
+            need = need or bool(layer.param_shapes(1))
         self._regularized = [layer for layer in self.layers if layer.penalties()]
         self._stateful = [(i, layer) for i, layer in enumerate(self.layers) if layer.state]
         self._state_updates = []
@@ -342,14 +350,16 @@ class Model:
     @_on_device
     def apply_gradients(self) -> None:
         """One optimizer step from the gradient buffer (filled by :meth:`compute_gradients`), then the
-        non-trainable state of that training forward is written (BatchNormalization's moving statistics)."""
+        non-trainable state of that training forward is written (BatchNormalization's moving statistics); whole or
+        not at all: Ctrl-C waits until it is complete."""
         if self.optimizer.decay_rules is not self._bound_rules:
             self._bind_optimizer()
-        self.optimizer.step(self._params.values, self._params.grads, fast=self._device.kernels)
-        updates, self._state_updates = self._state_updates, []
-        for layer, values in updates:
-            for key, value in values.items():
-                layer.state[key][...] = value
+        with _interrupts.update():
+            self.optimizer.step(self._params.values, self._params.grads, fast=self._device.kernels)
+            updates, self._state_updates = self._state_updates, []
+            for layer, values in updates:
+                for key, value in values.items():
+                    layer.state[key][...] = value
 
     @_on_device
     def test_step(self, x, y, sample_weight=None):
@@ -401,6 +411,7 @@ class Model:
     def train_step(self, x, y, sample_weight=None):
         """One optimizer step on one batch; returns the batch loss as a 0-d array on the device (no host sync)."""
         self._require_compiled("train_step()")
+        _training.check_not_training(self, "train_step()")
         xb, yb, wb = self.prepare_batch(x, y, sample_weight)
         loss, _ = self.compute_gradients(xb, yb, wb)
         self.apply_gradients()
@@ -415,6 +426,7 @@ class Model:
         change). The loss and gradients include the layers' regularization penalties.
         """
         self._require_compiled("loss_and_grads()")
+        _training.check_not_training(self, "loss_and_grads()")
         xb, yb, wb = self.prepare_batch(x, y, sample_weight)
         loss, _ = self.compute_gradients(xb, yb, wb, training=training)
         self._state_updates = []
@@ -484,10 +496,11 @@ class Model:
         return self._params.snapshot(self.optimizer, self.random_state())
 
     def restore(self, snapshot) -> None:
-        """Put a :meth:`snapshot` back in place (parameter views stay valid)."""
-        self._params.restore(snapshot, self.optimizer)
-        if snapshot.random is not None:
-            self.set_random_state(snapshot.random)
+        """Put a :meth:`snapshot` back in place (parameter views stay valid); Ctrl-C waits until it is complete."""
+        with _interrupts.update():
+            self._params.restore(snapshot, self.optimizer)
+            if snapshot.random is not None:
+                self.set_random_state(snapshot.random)
 
     def random_state(self) -> dict:
         """JSON-able states of the host generator (initial weights, shuffles, splits) and of the dropout

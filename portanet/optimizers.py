@@ -15,6 +15,7 @@ import re
 import array_api_compat
 
 from . import schedules as _schedules
+from ._checks import flag, real
 from ._owner import Owned
 from ._registry import resolve
 from .backends import to_numpy
@@ -60,6 +61,7 @@ class Optimizer(Owned):
 
     name = "optimizer"
     slots: tuple[str, ...] = ()
+    nonnegative_slots: tuple[str, ...] = ()  # slots that are running means of squares (checked when loaded)
     default_learning_rate = 1e-3
 
     def __init__(self, learning_rate=None, weight_decay: float = 0.0, *, lr=None, decoupled_weight_decay: bool = False,
@@ -241,11 +243,12 @@ class Optimizer(Owned):
         return {"iterations": self.iterations, "slots": dict(self.state)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Take back a :meth:`state_dict`; the state of an optimizer that has not stepped yet (no slots) resets it."""
-        if not state.get("slots") and int(state["iterations"]) == 0:  # slots are created at the first step
-            self.iterations, self.state = 0, {}
+        """Take back a :meth:`state_dict`: the step count and every slot, or no slot at all (the state of an
+        optimizer that has not stepped yet, which a snapshot taken before training holds)."""
+        if not state.get("slots"):
+            self.iterations, self.state = int(state["iterations"]), {}
             return
-        missing = set(self.slots) - set(state.get("slots", {}))
+        missing = set(self.slots) - set(state["slots"])
         if missing:
             raise ValueError(f"optimizer state for {self.name} is missing slots {sorted(missing)}")
         self.iterations = int(state["iterations"])
@@ -378,12 +381,10 @@ class SGD(Optimizer):
     def __init__(self, learning_rate=None, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  **options):
         super().__init__(learning_rate, weight_decay, **options)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = real("SGD", "momentum", momentum, 0, 1, high_open=True)
+        self.nesterov = flag("SGD", "nesterov", nesterov)
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
         self.slots = ("velocity",) if momentum else ()
 
     def _step(self, params, grads, lr):
@@ -405,16 +406,15 @@ class Adam(Optimizer):
 
     name = "adam"
     slots = ("m", "v")
+    nonnegative_slots = ("v",)
 
     def __init__(self, learning_rate=None, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
                  weight_decay: float = 0.0, **options):
         super().__init__(learning_rate, weight_decay, **options)
-        for arg, value in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if not 0 <= value < 1:
-                raise ValueError(f"{arg} must be in [0, 1), got {value!r}")
-        if not epsilon > 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        owner = type(self).__name__
+        self.beta_1 = real(owner, "beta_1", beta_1, 0, 1, high_open=True)
+        self.beta_2 = real(owner, "beta_2", beta_2, 0, 1, high_open=True)
+        self.epsilon = real(owner, "epsilon", epsilon, 0, low_open=True)
         self._scratch = None  # the fast kernels' work array, kept between steps
 
     def __setstate__(self, state):
@@ -471,15 +471,15 @@ class RMSprop(Optimizer):
     ``learning_rate`` defaults to 1e-3. Other keywords: see :class:`Optimizer`."""
 
     name = "rmsprop"
+    nonnegative_slots = ("square",)
 
     def __init__(self, learning_rate=None, rho: float = 0.9, epsilon: float = 1e-7, momentum: float = 0.0,
                  centered: bool = False, weight_decay: float = 0.0, **options):
         super().__init__(learning_rate, weight_decay, **options)
-        if not 0 <= rho < 1:
-            raise ValueError(f"rho must be in [0, 1), got {rho!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.rho, self.epsilon, self.momentum, self.centered = float(rho), float(epsilon), float(momentum), bool(centered)
+        self.rho = real("RMSprop", "rho", rho, 0, 1, high_open=True)
+        self.epsilon = real("RMSprop", "epsilon", epsilon, 0, low_open=True)
+        self.momentum = real("RMSprop", "momentum", momentum, 0, 1, high_open=True)
+        self.centered = flag("RMSprop", "centered", centered)
         self.slots = ("square",) + (("velocity",) if momentum else ()) + (("mean",) if centered else ())
 
     def _step(self, params, grads, lr):

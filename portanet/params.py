@@ -117,9 +117,9 @@ class ParameterBuffer:
 
     def all_finite(self):
         """0-d boolean device array: every value and state entry is finite (no host read)."""
-        xp = self.device.xp
-        ok = xp.all(xp.isfinite(self.values))
-        return xp.logical_and(ok, xp.all(xp.isfinite(self.state))) if self.state.shape[0] else ok
+        dev = self.device
+        ok = dev.all_finite(self.values)
+        return dev.xp.logical_and(ok, dev.all_finite(self.state)) if self.state.shape[0] else ok
 
     # -- placement ---------------------------------------------------------------------------------------------------
     def to(self, device) -> "ParameterBuffer":

@@ -8,10 +8,8 @@ Works through the model's documented interface (``compute_gradients``, ``apply_g
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import signal
 import threading
 import warnings
 import weakref
@@ -19,14 +17,15 @@ import weakref
 import array_api_compat
 
 from . import checks as _checks
+from . import _interrupts
 from . import data as _data
 from . import io as _io
 from .backends import is_host_data, to_numpy
 from .callbacks import CallbackList, History, check_callbacks
 
-__all__ = ["fit", "evaluate"]
+__all__ = ["fit", "evaluate", "check_not_training"]
 
-_running = weakref.WeakSet()  # models inside fit(): a second concurrent fit on one model is refused
+_running = weakref.WeakKeyDictionary()  # model -> thread running fit() on it: a second concurrent fit is refused
 _running_lock = threading.Lock()
 
 
@@ -52,11 +51,14 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
     (with a per-step schedule, ``schedule(iterations - 1)``), a host float read without a device sync.
 
     Every argument is checked first (ValueError/TypeError naming it), before the model is built or changes.
-    NaN or inf in in-memory inputs raise ValueError before training; lazily read batches (streams, memory maps)
-    holding NaN or inf, or failing to read, raise :class:`~portanet.data.StreamError` and the model is put back as
-    it was before the call. A NaN or inf loss stops training with FloatingPointError naming the epoch and step;
-    the model keeps its last finite weights (``callbacks=[TerminateOnNaN()]`` stops without raising). Ctrl-C
-    (KeyboardInterrupt) ends training after the current step: completed steps are kept, with a consistent optimizer.
+    NaN or inf in in-memory inputs raise ValueError before training; lazily read batches (streams, memory maps,
+    sliceables, validation data included) holding NaN or inf, or whose source raises anything while being read,
+    raise :class:`~portanet.data.StreamError` and the model is put back as it was before the call. A NaN or inf
+    loss, or weights or optimizer state found NaN or inf, stop training with FloatingPointError naming the epoch;
+    the model keeps the last state checked finite (``callbacks=[TerminateOnNaN()]`` stops without raising). Ctrl-C
+    (KeyboardInterrupt) ends training after the current step: completed steps are kept, with the optimizer state and
+    step count that go with them (README, "Reliability"). A second fit of the same model in another thread raises
+    RuntimeError.
     Data the model will likely learn badly from (unscaled inputs, targets the output cannot reach, labels sorted by
     class without shuffling) gives a :class:`~portanet.checks.SetupWarning` with the fix.
     """
@@ -89,22 +91,36 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
                              "weights into NaN: clean or impute the data first")
     _checks.check_training_data(model, train, shuffle, val)
     _check_monitors(model, user_callbacks, validation=val is not None or bool(fraction))
-    checkpoint = None if resume_from is None else _io.read_checkpoint(resume_from, model, train.width)
+    if model.built and not bool(model.parameter_buffer.all_finite()):
+        raise ValueError("the model's weights hold NaN or inf before training (set by set_parameters or "
+                         "load_weights?); fit() never trains from them: load or set finite weights first")
+    checkpoint = None if resume_from is None else _io.read_checkpoint(resume_from, model, train.width,
+                                                                       user_callbacks)
     with _running_lock:
         if model in _running:
             raise RuntimeError("fit() is already running on this model (in another thread); one fit at a time")
-        _running.add(model)
+        _running[model] = threading.get_ident()
     try:
-        # -- from here on the model changes
-        model.build(train.width)
-        return _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table, user_callbacks, verbose,
-                      log_every, checkpoint)
+        # -- from here on the model changes; a first Ctrl-C waits until the current step is whole
+        with _interrupts.deferred() as interrupted:
+            model.build(train.width)
+            return _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table, user_callbacks,
+                          verbose, log_every, checkpoint, interrupted)
     finally:
-        _running.discard(model)
+        _running.pop(model, None)
+
+
+def check_not_training(model, what: str) -> None:
+    """Raise RuntimeError when ``fit()`` runs on ``model`` in another thread (``what`` would change the training
+    state it is using: its gradient buffer, weights or optimizer)."""
+    thread = _running.get(model)
+    if thread is not None and thread != threading.get_ident():
+        raise RuntimeError(f"{what} would change the training state of a model that fit() is training in another "
+                           "thread; only predict() and evaluate() may run during fit()")
 
 
 def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table, user_callbacks, verbose, log_every,
-           checkpoint):
+           checkpoint, interrupted):
     split_seed = None
     if fraction:
         split_seed = checkpoint.fit.get("split_seed") if checkpoint else int(model.rng.integers(2**63))
@@ -132,28 +148,32 @@ def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table
             warnings.warn(f"{checkpoint.path} has already trained {checkpoint.epoch} epochs and fit() was asked for "
                           f"{epochs} in all: nothing left to train (raise epochs to continue)", UserWarning,
                           stacklevel=4)
-    guard = _Guard(model, check_batches=train.reads_lazily)
+    guard = _Guard(model, check_batches=train.reads_lazily, source=train)
     try:
-        with _deferred_interrupts() as interrupted:
-            for epoch in range(checkpoint.epoch if checkpoint else 0, epochs):
-                cbs.on_epoch_begin(epoch)
-                try:
-                    logs = _run_epoch(model, batches, cbs, epoch, guard, every, class_table, interrupted)
-                except _NonFinite as bad:
-                    _stop_on_nonfinite(model, bad, guard, cbs, len(batches))
-                    break
-                if val is not None:
-                    val_logs = _evaluate(model, val, max(batch_size, 1024))
-                    logs.update({f"val_{k}": v for k, v in val_logs.items()})
-                logs["lr"] = _last_learning_rate(model.optimizer)
-                cbs.on_epoch_end(epoch, logs)
-                cbs.on_epoch_complete(epoch, logs)
-                if model.stop_training:
-                    break
+        for epoch in range(checkpoint.epoch if checkpoint else 0, epochs):
+            cbs.on_epoch_begin(epoch)
+            try:
+                logs = _run_epoch(model, batches, cbs, epoch, guard, every, class_table, interrupted)
+            except _NonFinite as bad:
+                _stop_on_nonfinite(model, bad, guard, cbs, len(batches))
+                break
+            if val is not None:
+                val_logs = _evaluate(model, val, max(batch_size, 1024))
+                logs.update({f"val_{k}": v for k, v in val_logs.items()})
+            logs["lr"] = _last_learning_rate(model.optimizer)
+            cbs.on_epoch_end(epoch, logs)
+            cbs.on_epoch_complete(epoch, logs)
+            if model.stop_training:
+                break
+            if interrupted():
+                raise KeyboardInterrupt
     except _data.StreamError:
+        cbs.on_train_end()  # first: EarlyStopping may put its best weights back, the rollback then undoes them too
         if rollback is not None:
             model.restore(rollback)
-        cbs.on_train_end()
+        raise
+    except BaseException:  # Ctrl-C, a callback's error...: the steps done are kept, never non-finite weights
+        guard.keep_finite()
         raise
     cbs.on_train_end()
     return history
@@ -306,35 +326,12 @@ def _last_learning_rate(optimizer) -> float:
 
 
 def _evaluate(model, source, batch_size) -> dict:
-    totals = _Totals(model, _Guard(model, check_batches=source.reads_lazily, training=False))
+    totals = _Totals(model, _Guard(model, check_batches=source.reads_lazily, training=False, source=source))
     for step, (xb, yb, wb) in enumerate(_batches(model, source, batch_size)):
         totals.guard.check_batch(xb, yb, wb, 0, step)
         loss, out = model.test_step(xb, yb, wb)
         totals.add(loss, out, yb)
     return totals.logs()
-
-
-@contextlib.contextmanager
-def _deferred_interrupts():
-    """While training, a first Ctrl-C (SIGINT) is held until the current step is complete; yields a function that
-    says whether one arrived. A second Ctrl-C interrupts at once. Only in the main thread, and only when Python's
-    default handler is installed."""
-    pending = []
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield lambda: False
-        return
-
-    def hold(signum, frame):
-        if pending:
-            raise KeyboardInterrupt
-        pending.append(signum)
-
-    signal.signal(signal.SIGINT, hold)
-    try:
-        yield lambda: bool(pending)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # -- totals and the NaN guard -------------------------------------------------------------------------------------
@@ -385,8 +382,9 @@ class _Guard:
     overflowed); a failure puts the last snapshot back. ``training=False`` (evaluation) checks batches only.
     """
 
-    def __init__(self, model, check_batches, training=True):
+    def __init__(self, model, check_batches, training=True, source=None):
         self.model, self.check_batches, self.training = model, check_batches, training
+        self.names = _field_names(source)
         self.host = model.device.host_memory
         self.saved = None
         self.passed(0, 0)
@@ -415,7 +413,7 @@ class _Guard:
                 continue
             if self.host:
                 if not bool(finite):
-                    raise _data.StreamError(_bad_batch(epoch, step, field))
+                    raise _data.StreamError(self._bad_batch(epoch, step, field))
                 continue
             ok, steps = self.batch[field]  # leading finite steps since the last read, counted on the device
             ok = xp.logical_and(ok, finite)
@@ -439,8 +437,13 @@ class _Guard:
             out += [f for field in _FIELDS for f in self.batch[field]] if self.check_batches else []
             out += [self.loss_ok, self.loss_steps] if self.training else []
         if self.training:
-            out.append(self.model.parameter_buffer.all_finite())
+            out.append(_state_finite(self.model))
         return tuple(out)
+
+    def _bad_batch(self, epoch, step, field) -> str:
+        where = f" in epoch {epoch + 1}" if self.training else ""
+        undo = " (fit() puts the model back as it was before the call)" if self.training else ""
+        return f"batch {step} of {self.names[field]}{where} holds NaN or inf: clean or impute the data first{undo}"
 
     def verify(self, values):
         values = list(values)
@@ -449,7 +452,7 @@ class _Guard:
             values = values[2 * len(_FIELDS):]
             if found:
                 steps, field = min(found)
-                raise _data.StreamError(_bad_batch(self.epoch, self.since + steps, field))
+                raise _data.StreamError(self._bad_batch(self.epoch, self.since + steps, field))
         if not self.host and self.training:
             (ok, steps), values = values[:2], values[2:]
             if not ok:
@@ -457,16 +460,41 @@ class _Guard:
         if self.training and not values[0]:
             raise _NonFinite(self.epoch, self.since, weights=True)
 
+    def keep_finite(self) -> None:
+        """On the way out of an interrupted or failed fit: unless the weights are finite, put the last good
+        snapshot back (with a warning). One read; nothing is raised from here."""
+        if not self.training:
+            return
+        try:
+            finite = bool(_state_finite(self.model))
+            if not finite:
+                self.model.restore(self.saved)
+        except Exception:  # noqa: BLE001 - the device may be what failed; the original error is the one to see
+            return
+        if not finite:
+            warnings.warn(f"the weights or the optimizer state were NaN or inf when training stopped; the model "
+                          f"keeps the weights from {self.saved.label}", RuntimeWarning, stacklevel=4)
+
     def recover(self) -> str:
         """Make the weights finite again; say which weights the model now holds."""
         model = self.model
-        if self.host and bool(model.parameter_buffer.all_finite()):
+        if self.host and bool(_state_finite(model)):
             return "the weights from before that step"
         model.restore(self.saved)
         return f"the weights from {self.saved.label}"
 
 
 _FIELDS = ("x", "y", "sample_weight")
+
+
+def _state_finite(model):
+    """0-d device bool: the weights, the non-trainable state and the optimizer's slots are all finite (no host
+    read). An Adam ``v`` that overflowed to inf leaves the weights finite but frozen: training state gone bad."""
+    xp = model.xp
+    ok = model.parameter_buffer.all_finite()
+    for slot in (model.optimizer.state.values() if model.optimizer is not None else ()):
+        ok = xp.logical_and(ok, model.device.all_finite(slot))
+    return ok
 
 
 def _all_finite(xp, a):
@@ -476,16 +504,23 @@ def _all_finite(xp, a):
     return xp.all(xp.isfinite(a))
 
 
-def _bad_batch(epoch, step, field) -> str:
-    return (f"batch {step} of {field} in epoch {epoch + 1} holds NaN or inf: clean or impute the data first (fit() "
-            "puts the model back as it was before the call)")
+def _field_names(source) -> dict:
+    """``{"x": "validation x (Sliceable)", ...}``: each field of a data source as error messages name it."""
+    prefix = getattr(source, "prefix", "") or ""
+    names = {}
+    for field in _FIELDS:
+        origin = source.source if isinstance(source, _data.StreamAdapter) else getattr(source, field, None)
+        label = f"{prefix} {field}" if prefix else field
+        names[field] = label if origin is None else f"{label} ({type(origin).__name__})"
+    return names
 
 
 def _stop_on_nonfinite(model, bad, guard, cbs, steps):
     """Put the last finite weights back, then raise FloatingPointError unless a callback stops training."""
     kept = guard.recover()
     if bad.weights:
-        what = f"the weights became NaN or inf during epoch {bad.epoch + 1} (an update overflowed)"
+        what = (f"the weights or the optimizer state became NaN or inf during epoch {bad.epoch + 1} (an update or "
+                "a gradient overflowed)")
     else:
         value = "NaN or inf" if bad.value is None else ("NaN" if math.isnan(bad.value) else str(bad.value))
         what = f"the loss became {value} at epoch {bad.epoch + 1}, step {bad.step + 1} of {steps}"

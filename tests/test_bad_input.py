@@ -147,3 +147,55 @@ def test_declared_input_dim_must_match_the_data():
     model = pn.Model([pn.Dense(2, input_dim=5)]).compile("mse")
     with pytest.raises(ValueError, match="x has 4 features but the first layer was declared with input_dim=5"):
         model.fit(X, np.ones((20, 2)), verbose=0)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: pn.activations.ELU(alpha=INF), r"elu alpha must be a finite number > 0, got inf"),
+    (lambda: pn.activations.ELU(alpha=0), r"elu alpha must be a finite number > 0, got 0"),
+    (lambda: pn.activations.LeakyReLU(alpha=NAN), r"leaky_relu alpha must be in \[0, 1\), got nan"),
+    (lambda: pn.Huber(delta=INF), r"huber delta must be a finite number > 0, got inf"),
+    (lambda: pn.BinaryCrossentropy(from_logits="yes"), r"from_logits must be True or False"),
+    (lambda: pn.Adam(epsilon=INF), r"Adam epsilon must be a finite number > 0, got inf"),
+    (lambda: pn.Adam(beta_1=NAN), r"Adam beta_1 must be in \[0, 1\), got nan"),
+    (lambda: pn.AdamW(beta_2=1.0), r"AdamW beta_2 must be in \[0, 1\), got 1.0"),
+    (lambda: pn.Adam(weight_decay=INF), r"Adam weight_decay must be a finite number >= 0, got inf"),
+    (lambda: pn.Adam(lr=INF), r"Adam learning_rate must be a positive finite number, got inf"),
+    (lambda: pn.RMSprop(epsilon=-1.0), r"RMSprop epsilon must be a finite number > 0, got -1.0"),
+    (lambda: pn.RMSprop(rho=INF), r"RMSprop rho must be in \[0, 1\), got inf"),
+    (lambda: pn.RMSprop(centered=1), r"RMSprop centered must be True or False, got 1"),
+    (lambda: pn.SGD(momentum=NAN), r"SGD momentum must be in \[0, 1\), got nan"),
+    (lambda: pn.SGD(momentum=0.9, nesterov="yes"), r"SGD nesterov must be True or False"),
+    (lambda: pn.SGD(clipnorm=INF), r"SGD clipnorm must be a positive finite number, got inf"),
+    (lambda: pn.Dense(3, use_bias=None), r"Dense use_bias must be True or False, got None"),
+    (lambda: pn.Dense(3, kernel_initializer="he_normall"), r"Dense kernel_initializer: unknown initializer 'he_normall'"),
+    (lambda: pn.Dropout(NAN), r"dropout rate must be in \[0, 1\), got nan"),
+    (lambda: pn.metrics.BinaryAccuracy(threshold=INF), r"binary_accuracy threshold must be a finite number"),
+    (lambda: pn.EarlyStopping(min_delta=INF), r"EarlyStopping min_delta must be a finite number >= 0, got inf"),
+    (lambda: pn.ReduceLROnPlateau(factor=NAN), r"ReduceLROnPlateau factor must be in \(0, 1\), got nan"),
+    (lambda: pn.ReduceLROnPlateau(min_lr=INF), r"ReduceLROnPlateau min_lr must be a finite number >= 0"),
+    (lambda: pn.CosineDecay(0.1, INF), r"CosineDecay decay_steps must be a finite number > 0"),
+])
+def test_constructors_reject_non_finite_and_out_of_range_values(make, message):
+    """The same constructors build a model from a file: these checks are what keep a hostile file's values out."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("name", ["callback.x", "a.b", "optimizer", "callback", "", "9lives", "x" * 65, "é", "a-b",
+                                  "a b", 7])
+def test_layer_names_are_identifiers_that_cannot_collide_with_a_file_section(name):
+    with pytest.raises(ValueError, match=r"a layer name must be an identifier"):
+        pn.Dense(3, name=name)
+    layer = pn.Dense(3)
+    with pytest.raises(ValueError, match=r"a layer name must be an identifier"):
+        layer.name = name
+
+
+def test_a_model_names_its_layers_by_kind_and_refuses_a_name_twice():
+    model = pn.Model([pn.Dense(3, name="hidden"), pn.Dense(3), pn.Dropout(0.1), pn.Dense(1, name="out_1")])
+    assert [layer.name for layer in model.layers] == ["hidden", "dense_1", "dropout_0", "out_1"]
+    with pytest.raises(ValueError, match=r"layer name 'hidden' is already used"):
+        model.add(pn.Dense(2, name="hidden"))

@@ -194,7 +194,8 @@ def test_early_stopping_names_the_missing_monitor_and_the_available_keys():
 @pytest.mark.parametrize("kwargs,message", [
     ({"mode": "up"}, r"mode must be 'auto', 'min' or 'max', got 'up'"),
     ({"patience": -1}, r"patience must be a non-negative integer, got -1"),
-    ({"min_delta": "0.1"}, r"min_delta must be a number >= 0"),
+    ({"min_delta": "0.1"}, r"min_delta must be a finite number >= 0"),
+    ({"min_delta": float("inf")}, r"min_delta must be a finite number >= 0, got inf"),
 ])
 def test_early_stopping_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -160,7 +160,7 @@ def test_inf_in_a_streamed_batch_stops_training_and_puts_the_weights_back(device
     batches = Loader([(x[i:i + 10], SORTED[i:i + 10]) for i in range(0, 80, 10)])
     model = _classifier(device).build(4)
     before = _host(model)
-    with pytest.raises(StreamError, match=r"batch 4 of x in epoch 1 holds NaN or inf"):
+    with pytest.raises(StreamError, match=r"batch 4 of x \(Loader\) in epoch 1 holds NaN or inf"):
         model.fit(batches, epochs=2, verbose=0)
     assert_close(model.parameter_buffer.values, before, device=device, rtol=0, atol=0)
     assert model.optimizer.iterations == 0
@@ -267,6 +267,9 @@ def test_summary_uses_a_declared_input_width_before_building(capsys):
 
 
 def test_models_show_as_an_html_table_in_notebooks():
-    page = pn.Model([pn.Dense(4, "tanh"), pn.Dense(1, name="out<>")]).build(2)._repr_html_()
-    assert page.startswith("<table>") and "<td>dense_0 (Dense)</td>" in page and "out&lt;&gt; (Dense)" in page
+    class Odd(pn.activations.ActivationFunction):
+        name = "odd<>"  # layer names are identifiers; an activation's name is any string, and is escaped
+
+    page = pn.Model([pn.Dense(4, "tanh"), pn.Dense(1, Odd(), name="out")]).build(2)._repr_html_()
+    assert page.startswith("<table>") and "<td>dense_0 (Dense)</td>" in page and "<td>odd&lt;&gt;</td>" in page
     assert "<td style='text-align:right'>17</td></tr></tfoot>" in page

@@ -408,6 +408,11 @@ class Device(abc.ABC):
         with self.scope():
             return self.xp.zeros(shape, dtype=self.dtype(dtype), device=self.device)
 
+    def all_finite(self, a):
+        """0-d boolean array on this device: ``a`` holds no NaN and no inf (no host read)."""
+        xp = self.xp
+        return xp.all(xp.isfinite(a))
+
     def synchronize(self):
         """Wait for queued device work (a no-op on host backends); used by benchmarks."""
 

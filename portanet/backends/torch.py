@@ -104,6 +104,12 @@ class TorchDevice(Device):
             host = host.copy()
         return _torch().asarray(np.ascontiguousarray(host), device=self.device)
 
+    def all_finite(self, a):
+        """As :meth:`Device.all_finite`, as ``sum(a * 0) == 0`` (a finite value times 0 is 0, NaN and inf give NaN, a
+        sum of zeros cannot overflow): torch's CPU ``isfinite`` is ~8x slower (0.56 against 0.07 ms for 235,000
+        floats, ``benchmarks/guard.py``). Torch warns about nothing here; NumPy would, which is why this is torch's."""
+        return (a * 0.0).sum() == 0
+
     def synchronize(self):
         if not self.host_memory:
             _torch().cuda.synchronize(self.device)
