@@ -425,6 +425,7 @@ def test_an_optimizer_state_that_overflows_stops_training_and_restores_a_finite_
 
 @numeric_warnings
 @pytest.mark.filterwarnings("ignore:.*training stopped and the model keeps:RuntimeWarning")  # TerminateOnNaN's
+@pytest.mark.filterwarnings("ignore::portanet.checks.SetupWarning")  # stress inputs are unscaled on purpose
 def test_numeric_stress_never_leaves_or_saves_non_finite_state(device, tmp_path):
     """Random optimizers, learning rates up to 1e9, activations, losses and input scales up to the dtype's limit:
     whatever fit does (returns, raises FloatingPointError, stops quietly), the weights and optimizer state it leaves
