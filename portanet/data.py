@@ -13,10 +13,11 @@ import os
 import array_api_compat
 import numpy as np
 
-from .backends import Device, dtype_name, host_rng, resolve_device, take_rows
+from .backends import Device, dtype_name, host_rng, is_host_data, library_of, resolve_device, take_rows
 
-__all__ = ["adapt", "batches", "Batches", "ArrayAdapter", "SliceableAdapter", "StreamAdapter", "StreamError",
-           "check_array", "check_lengths", "check_fraction", "split_rows", "host_empty", "is_stream", "in_memory"]
+__all__ = ["adapt", "batches", "Batches", "device_batch", "ArrayAdapter", "SliceableAdapter", "StreamAdapter",
+           "StreamError", "check_array", "check_lengths", "check_fraction", "split_rows", "host_empty", "is_stream",
+           "in_memory"]
 
 BLOCK_BYTES = 32 * 2**20  # default block for disk-backed data: one contiguous read, then shuffled within
 
@@ -457,6 +458,37 @@ def _pick(block, pick):
     if isinstance(pick, slice):
         return block[(pick,) + (slice(None),) * (len(block.shape) - 1)]  # a full index: the array API rule
     return take_rows(block, pick)
+
+
+def device_batch(model, x, y=None, sample_weight=None):
+    """One custom-loop batch for ``model`` (``train_step``, ``loss_and_grads``): validated (shapes, lengths, width,
+    targets), the model built on first use, host data sent to its device. Data on another device raises
+    ValueError naming both devices: a custom loop moves its data explicitly (fit/evaluate/predict stream it).
+    Returns ``(x, y, sample_weight)`` on the model's device."""
+    x = check_array(x, "x")
+    y = None if y is None else check_array(y, "y", ndim=(1, 2))
+    sample_weight = None if sample_weight is None else check_array(sample_weight, "sample_weight", ndim=(1,))
+    check_lengths(x=x, y=y, sample_weight=sample_weight)
+    model.check_input_dim(x.shape[1])
+    device = model.device
+    if y is not None:  # target values are read back only where that costs no device sync
+        model.check_targets(y, x.shape[1], values=is_host_data(y) or device.host_memory)
+    for name, a in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+        if not (a is None or device.owns(a) or is_host_data(a)):
+            raise ValueError(
+                f"{name} lives on {_describe(a)} but the model is on {device.name}; move it explicitly "
+                f"(portanet.to_numpy({name}) or model.device.asarray({name})) or use fit/evaluate/predict, which "
+                "stream it")
+    model.build(x.shape[1])
+    dtypes = (model.dtype, "int64" if model.loss.sparse else model.dtype, model.dtype)
+    return tuple(None if a is None else device.asarray(a, dt) for a, dt in zip((x, y, sample_weight), dtypes))
+
+
+def _describe(a) -> str:
+    try:
+        return f"{library_of(a)} device {array_api_compat.device(a)}"
+    except Exception:  # noqa: BLE001 - only for an error message
+        return type(a).__name__
 
 
 def batches(x, y=None, *, batch_size=32, shuffle=False, seed=None, device="cpu", dtype="float32", y_dtype="float",

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import html
-import math
 import warnings
 
 from . import checks as _checks
@@ -22,13 +20,15 @@ from . import layers as _layers
 from . import losses as _losses
 from . import metrics as _metrics
 from . import optimizers as _optimizers
+from . import summary as _summary
 from . import training as _training
-from .backends import dtype_name, host_rng, is_host_data, library_of, move_target, resolve_device, to_numpy
+from .backends import dtype_name, host_rng, move_target, resolve_device
 from .params import ParameterBuffer
 
 __all__ = ["Model", "load"]
 
 _FLOATS = ("float32", "float64")
+_DERIVED = ("_random", "_need_input_grad", "_regularized", "_stateful", "_state_updates", "_bound_rules")
 
 
 def _on_device(method):
@@ -173,11 +173,10 @@ class Model:
             states += [init_state[k] for k in state_shapes]
             dim = layer.output_dim(dim)
         dev = self._device
-        values = _flat(dev, values, self.dtype)
-        state = _flat(dev, states, self.dtype)
+        params = ParameterBuffer.from_host(dev, self.dtype, layout, values, states)
         self.input_dim = input_dim
         self._random_seed = int(self.rng.integers(2**62))
-        self._install(ParameterBuffer(dev, self.dtype, layout, values, state), dev.random_source(self._random_seed))
+        self._install(params, dev.random_source(self._random_seed))
         return self
 
     def _install(self, params: ParameterBuffer, random_source) -> None:
@@ -228,23 +227,9 @@ class Model:
     @_on_device
     def set_parameters(self, values: dict) -> None:
         """Overwrite parameters from ``{name: array}`` (any library/device); names, shapes and finiteness (no NaN or
-        inf) are checked first: on error nothing changes."""
-        current = self.parameters()
-        if not isinstance(values, dict):
-            raise TypeError(f"values must be a dict {{name: array}}, got {type(values).__name__}")
-        unknown = set(values) - set(current)
-        if unknown:
-            raise KeyError(f"unknown parameter names {sorted(unknown)}; expected some of {list(current)}")
-        moved = {}
-        for name, value in values.items():
-            arr = self._device.asarray(value, self.dtype)
-            if tuple(arr.shape) != tuple(current[name].shape):
-                raise ValueError(f"parameter {name} must have shape {tuple(current[name].shape)}, got {tuple(arr.shape)}")
-            if not bool(self.xp.all(self.xp.isfinite(arr))):
-                raise ValueError(f"parameter {name} holds NaN or inf; every value must be finite")
-            moved[name] = arr
-        for name, arr in moved.items():
-            current[name][...] = arr
+        inf) are checked first: on error nothing changes (:meth:`ParameterBuffer.assign`)."""
+        self._require_built("set_parameters()")
+        self._params.assign(values)
 
     def count_params(self) -> int:
         self._require_built("count_params()")
@@ -377,35 +362,13 @@ class Model:
 
     def prepare_batch(self, x, y=None, sample_weight=None):
         """Validate one custom-loop batch and send host data to the device (data on another device raises);
-        builds the model on first use. Returns ``(x, y, sample_weight)`` on the model's device."""
-        x = _data.check_array(x, "x")
-        y = None if y is None else _data.check_array(y, "y", ndim=(1, 2))
-        sample_weight = None if sample_weight is None else _data.check_array(sample_weight, "sample_weight", ndim=(1,))
-        _data.check_lengths(x=x, y=y, sample_weight=sample_weight)
-        self.check_input_dim(x.shape[1])
-        if y is not None:  # target values are read back only where that costs no device sync
-            self.check_targets(y, x.shape[1], values=is_host_data(y) or self._device.host_memory)
-        for name, a in (("x", x), ("y", y), ("sample_weight", sample_weight)):
-            self._check_here(a, name)
-        self.build(x.shape[1])
-        return (self._here(x, "x", self.dtype),
-                None if y is None else self._here(y, "y", "int64" if self.loss.sparse else self.dtype),
-                None if sample_weight is None else self._here(sample_weight, "sample_weight", self.dtype))
+        builds the model on first use. Returns ``(x, y, sample_weight)`` on the model's device
+        (:func:`portanet.data.device_batch`)."""
+        return _data.device_batch(self, x, y, sample_weight)
 
     def check_targets(self, y, input_dim=None, name="y", values=True) -> None:
         """Raise ValueError when targets ``y`` do not fit the loss and the output width (nothing changes)."""
         self.loss.check_targets(y, self.output_width(input_dim or self.input_dim), name, values=values)
-
-    def _here(self, a, name, dtype):
-        self._check_here(a, name)
-        return self._device.asarray(a, dtype)
-
-    def _check_here(self, a, name):
-        if a is None or self._device.owns(a) or is_host_data(a):
-            return
-        raise ValueError(
-            f"{name} lives on {_describe(a)} but the model is on {self._device.name}; move it explicitly "
-            f"(portanet.to_numpy({name}) or model.device.asarray({name})) or use fit/evaluate/predict, which stream it")
 
     @_on_device
     def train_step(self, x, y, sample_weight=None):
@@ -553,39 +516,26 @@ class Model:
         return twin
 
     def __getstate__(self):
-        """Host copies of everything (weights, state, optimizer state, random states) and the device by name, so
-        ``pickle`` and ``copy.deepcopy`` work; the device is resolved again when unpickled."""
-        state = {k: v for k, v in self.__dict__.items() if k not in (
-            "_params", "_random", "_need_input_grad", "_regularized", "_stateful", "_state_updates", "_bound_rules")}
-        state["layers"] = [layer.unbound_copy() for layer in self.layers]
-        state["_device"] = (self._device.backend, self._device.name)
-        if self.built:
-            params = self._params
-            state["_params"] = (params.layout, to_numpy(params.values).copy(), to_numpy(params.state).copy())
-            state["random_state"] = self.random_state()
+        """Everything in host copies (the parameter buffer and optimizer pickle their arrays from the device) and the
+        device by name, so ``pickle`` and ``copy.deepcopy`` work; unpickled on the same device, or on the CPU with a
+        warning where it is missing."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _DERIVED}
+        state["layers"] = [layer.unbound_copy() for layer in self.layers]  # bound views hold modules and arrays
+        state["random_state"] = self.random_state() if self.built else None
         return state
 
     def __setstate__(self, state):
-        backend, name = state.pop("_device")
-        params = state.pop("_params", None)
-        random_state = state.pop("random_state", None)
+        random_state = state.pop("random_state")
         self.__dict__.update(state)
-        self._params = self._random = self._bound_rules = None
-        self._state_updates = []
+        self._random, self._bound_rules, self._state_updates = None, None, []
         for layer in self.layers:
             layer.attach(self, f"layer {layer.name!r}")
         if self.optimizer is not None:
             self.optimizer.attach(self, "optimizer")
-        self._device = _device_or_cpu(backend, name)
-        if self.optimizer is not None:
             self.optimizer.to(self._device)
-        if params is not None:
-            layout, values, states = params
-            dev = self._device
-            with dev.scope():
-                buffer = ParameterBuffer(dev, self.dtype, layout, dev.from_host(values, self.dtype),
-                                         dev.from_host(states, self.dtype))
-                self._install(buffer, dev.random_source(self._random_seed))
+        if self._params is not None:
+            with self._device.scope():
+                self._install(self._params, self._device.random_source(self._random_seed))
             self.set_random_state(random_state)
 
     def __repr__(self):
@@ -593,50 +543,13 @@ class Model:
         return f"Model([{inner}], device={self._device.name!r}, dtype={self.dtype!r})"
 
     # -- summary ---------------------------------------------------------------------------
-    def _summary(self):
-        """``(title, rows, total)``: one row (layer, output shape, activation, parameters) per layer; shapes and
-        counts are "?" until the input width is known."""
-        dim = self.input_dim if self.input_dim is not None else (self.layers[0].input_dim if self.layers else None)
-        title = (f"Model on {self._device.name} ({self.backend}, {self.dtype}), input "
-                 f"{'(batch, ?)' if dim is None else f'(batch, {dim})'}")
-        rows = []
-        for layer in self.layers:
-            activation = getattr(layer, "activation", None)
-            count, shape = "?", "(batch, ?)"
-            if dim is not None:
-                count = sum(math.prod(s) for s in layer.param_shapes(dim).values())
-                dim = layer.output_dim(dim)
-                shape = f"(batch, {dim})"
-            rows.append((f"{layer.name} ({type(layer).__name__})", shape, "" if activation is None else activation.name,
-                         "?" if count == "?" else f"{count:,}"))
-        total = "?" if any(row[3] == "?" for row in rows) else f"{self._count(rows):,}"
-        return title, rows, total
-
-    def _count(self, rows) -> int:
-        return sum(int(row[3].replace(",", "")) for row in rows)
-
     def summary(self) -> None:
         """Print a table of the layers (name and type, output shape, activation, parameters) and the total."""
-        title, rows, total = self._summary()
-        cells = [("Layer (type)", "Output shape", "Activation", "Params"), *rows]
-        widths = [max(len(row[i]) for row in cells) for i in range(4)]
-
-        def line(row):
-            return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-
-        rule = "-" * len(line(cells[0]))
-        total_line = "Total params: ? (not built yet)" if total == "?" else f"Total params: {total}"
-        print("\n".join([title, line(cells[0]), rule, *map(line, rows), rule, total_line]))
+        print(_summary.text(self))
 
     def _repr_html_(self) -> str:
         """The summary as an HTML table (Jupyter shows it when a model is the last expression of a cell)."""
-        title, rows, total = self._summary()
-        esc = html.escape
-        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row[:3]) +
-                       f"<td style='text-align:right'>{row[3]}</td></tr>" for row in rows)
-        return (f"<table><caption>{esc(title)}</caption><thead><tr><th>Layer (type)</th><th>Output shape</th>"
-                f"<th>Activation</th><th>Params</th></tr></thead><tbody>{body}</tbody><tfoot><tr><td colspan='3'>"
-                f"Total params</td><td style='text-align:right'>{total}</td></tr></tfoot></table>")
+        return _summary.html_table(self)
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path, include_optimizer: bool = True) -> None:
@@ -709,30 +622,3 @@ def dtype_name_or_none(dtype):
         return dtype_name(dtype)
     except ValueError:
         return None
-
-
-def _flat(device, pieces, dtype):
-    """One (n,) device array from host pieces (arrays or lists) in order."""
-    xp = device.xp
-    parts = [xp.reshape(device.from_host(p, dtype), (-1,)) for p in pieces]
-    return xp.concat(parts) if parts else device.zeros((0,), dtype)
-
-
-def _device_or_cpu(backend, name):
-    """The device an unpickled model lived on, or NumPy on the CPU (with a warning) where it is not available."""
-    spec = name.split(":", 1)[1] if name.startswith(f"{backend}:") else name
-    try:
-        return resolve_device(spec, backend)
-    except (ImportError, RuntimeError, ValueError) as exc:
-        warnings.warn(f"the model was saved on {name} ({backend}), which is not available here ({exc}); it is "
-                      "restored on the CPU (NumPy)", RuntimeWarning, stacklevel=3)
-        return resolve_device("cpu")
-
-
-def _describe(a) -> str:
-    try:
-        import array_api_compat
-
-        return f"{library_of(a)} device {array_api_compat.device(a)}"
-    except Exception:  # noqa: BLE001 - only for an error message
-        return type(a).__name__

@@ -46,8 +46,32 @@ class ParameterBuffer:
         if tuple(self.state.shape) != (m,):
             raise ValueError(f"state must have shape ({m},) for this layout, got {tuple(self.state.shape)}")
 
+    @classmethod
+    def from_host(cls, device, dtype: str, layout, values, state=()) -> "ParameterBuffer":
+        """A buffer on ``device`` from host pieces (arrays or lists) in buffer order: ``values`` one per parameter,
+        ``state`` one per state entry."""
+        xp = device.xp
+
+        def flat(pieces):
+            parts = [xp.reshape(device.from_host(p, dtype), (-1,)) for p in pieces]
+            return xp.concat(parts) if parts else device.zeros((0,), dtype)
+
+        with device.scope():
+            return cls(device, dtype, layout, flat(values), flat(state))
+
     def _size(self, which) -> int:
         return sum(math.prod(shape) for entry in self.layout for shape in entry[which].values())
+
+    def __getstate__(self):
+        """Host (NumPy) copies of the values and state, and the device by name: a buffer pickles from any device
+        and comes back on it (or on the CPU, with a warning, where it is missing); gradients come back zero."""
+        return {"device": self.device, "dtype": self.dtype, "layout": self.layout,
+                "values": self.device.to_host(self.values).copy(), "state": self.device.to_host(self.state).copy()}
+
+    def __setstate__(self, state):
+        dev = state["device"]
+        twin = ParameterBuffer.from_host(dev, state["dtype"], state["layout"], [state["values"]], [state["state"]])
+        self.__dict__.update(twin.__dict__)
 
     # -- names and views ---------------------------------------------------------------------------------------------
     def segments(self, which: str = "values"):
@@ -85,6 +109,27 @@ class ParameterBuffer:
             out[layer] = ({k: params[f"{layer}.{k}"] for k in shapes}, {k: grads[f"{layer}.{k}"] for k in shapes},
                           {k: states[f"{layer}.{k}"] for k in state_shapes})
         return out
+
+    def assign(self, values: dict) -> None:
+        """Overwrite parameters from ``{name: array}`` (any library or device). Names, shapes and finiteness (no NaN
+        or inf) are all checked first, so on error nothing changes: KeyError, ValueError or TypeError naming the
+        parameter."""
+        if not isinstance(values, dict):
+            raise TypeError(f"values must be a dict {{name: array}}, got {type(values).__name__}")
+        current, dev = self.parameters(), self.device
+        unknown = set(values) - set(current)
+        if unknown:
+            raise KeyError(f"unknown parameter names {sorted(unknown)}; expected some of {list(current)}")
+        moved = {}
+        for name, value in values.items():
+            arr = dev.asarray(value, self.dtype)
+            if tuple(arr.shape) != tuple(current[name].shape):
+                raise ValueError(f"parameter {name} must have shape {tuple(current[name].shape)}, got {tuple(arr.shape)}")
+            if not bool(dev.xp.all(dev.xp.isfinite(arr))):
+                raise ValueError(f"parameter {name} holds NaN or inf; every value must be finite")
+            moved[name] = arr
+        for name, arr in moved.items():
+            current[name][...] = arr
 
     def mask(self, include) -> object:
         """A (n,) 0/1 array on the device: 1 for the parameters whose name ``include(name)`` accepts (e.g. the

@@ -6,6 +6,7 @@ Imports no array library but NumPy (host memory); each backend module imports it
 from __future__ import annotations
 
 import abc
+import warnings
 import contextlib
 import copy as _copy
 import re
@@ -310,6 +311,10 @@ class Device(abc.ABC):
     def __hash__(self):
         return hash(self.name)  # equal to its name, so hashed like it: {"cpu": 1}[device] works
 
+    def __reduce__(self):
+        """Pickled by library and name; unpickled with :func:`restore_device` (the CPU where it is missing)."""
+        return restore_device, (self.backend, self.name)
+
     @property
     def kernels(self):
         """In-place kernels for this device (:class:`portanet.backends.numpy.Kernels`), or None: portable math only."""
@@ -419,6 +424,18 @@ class Device(abc.ABC):
     def random_source(self, seed: int) -> "RandomSource":
         """A uniform [0, 1) generator on this device for dropout masks, seeded from the host RNG."""
         return HostRandomSource(self, seed)
+
+
+def restore_device(backend: str, name: str) -> "Device":
+    """The device named ``name`` of library ``backend`` (as a pickled Device recorded it), or NumPy on the CPU, with
+    a RuntimeWarning saying so, where that library or device is not available here."""
+    spec = name.split(":", 1)[1] if name.startswith(f"{backend}:") else name
+    try:
+        return resolve_device(spec, backend)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        warnings.warn(f"{name} ({backend}) is not available here ({exc}); using the CPU (NumPy) instead",
+                      RuntimeWarning, stacklevel=2)
+        return resolve_device("cpu")
 
 
 class RandomSource:
