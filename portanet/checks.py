@@ -37,13 +37,14 @@ class SetupWarning(UserWarning):
     Silence it with ``warnings.filterwarnings("ignore", category=portanet.SetupWarning)``."""
 
 
-def warn(message: str) -> None:
-    """Issue a SetupWarning attributed to the user's line that called into portanet, so Python's default filter
-    shows it once per line of the user's code (not once per batch or epoch)."""
+def warn(message: str, category: type = None) -> None:
+    """Issue a warning (a SetupWarning unless ``category`` says otherwise) attributed to the user's line that called
+    into portanet, so Python's default filter shows it once per line of the user's code (not once per batch or
+    epoch) and the message points at that line, not at portanet's internals."""
     frame, level = sys._getframe(0), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, SetupWarning, stacklevel=level)
+    warnings.warn(message, category or SetupWarning, stacklevel=level)
 
 
 # -- the architecture against the loss and metrics -------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-import warnings
 import weakref
 
 import array_api_compat
@@ -145,9 +144,8 @@ def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table
         checkpoint.restore(model)
         history.epoch, history.history = checkpoint.history["epoch"], checkpoint.history["history"]
         if checkpoint.epoch >= epochs:
-            warnings.warn(f"{checkpoint.path} has already trained {checkpoint.epoch} epochs and fit() was asked for "
-                          f"{epochs} in all: nothing left to train (raise epochs to continue)", UserWarning,
-                          stacklevel=4)
+            _checks.warn(f"{checkpoint.path} has already trained {checkpoint.epoch} epochs and fit() was asked for "
+                         f"{epochs} in all: nothing left to train (raise epochs to continue)", UserWarning)
     guard = _Guard(model, check_batches=train.reads_lazily, source=train)
     try:
         for epoch in range(checkpoint.epoch if checkpoint else 0, epochs):
@@ -271,9 +269,9 @@ def _check_monitors(model, callbacks, validation):
 def _warn_if_changed(checkpoint, config):
     for key in ("batch_size", "shuffle", "validation_split"):
         if key in checkpoint.fit and checkpoint.fit[key] != config[key]:
-            warnings.warn(f"resuming from {checkpoint.path} with {key}={config[key]!r}, but it was trained with "
-                          f"{checkpoint.fit[key]!r}: training will not continue exactly as an uninterrupted run would",
-                          stacklevel=5)
+            _checks.warn(f"resuming from {checkpoint.path} with {key}={config[key]!r}, but it was trained with "
+                         f"{checkpoint.fit[key]!r}: training will not continue exactly as an uninterrupted run would",
+                         UserWarning)
 
 
 # -- the loops --------------------------------------------------------------------------------------------------
@@ -472,8 +470,8 @@ class _Guard:
         except Exception:  # noqa: BLE001 - the device may be what failed; the original error is the one to see
             return
         if not finite:
-            warnings.warn(f"the weights or the optimizer state were NaN or inf when training stopped; the model "
-                          f"keeps the weights from {self.saved.label}", RuntimeWarning, stacklevel=4)
+            _checks.warn(f"the weights or the optimizer state were NaN or inf when training stopped; the model "
+                         f"keeps the weights from {self.saved.label}", RuntimeWarning)
 
     def recover(self) -> str:
         """Make the weights finite again; say which weights the model now holds."""
@@ -530,4 +528,4 @@ def _stop_on_nonfinite(model, bad, guard, cbs, steps):
     cbs.on_nonfinite_loss(bad.epoch, bad.step)
     if not model.stop_training:
         raise FloatingPointError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    _checks.warn(message, RuntimeWarning)

@@ -263,7 +263,8 @@ def test_terminate_on_nan_stops_quietly_with_finite_weights(device):
     y = X[:, :1] * 3
     y[40] = 1e30  # finite, but its squared error overflows float32: the loss of step 5 of each epoch is inf
     model = pn.Model([pn.Dense(4, "tanh"), pn.Dense(1)], device=device, seed=0).compile("mse", pn.SGD(lr=0.01))
-    with pytest.warns(RuntimeWarning, match=r"the loss became .* at epoch 1, step 5 of 6"):
+    with pytest.warns(RuntimeWarning, match=r"the loss became .* at epoch 1, step 5 of 6") as caught:
         history = model.fit(X, y, epochs=3, batch_size=10, shuffle=False, verbose=0, callbacks=[pn.TerminateOnNaN()])
+    assert [w.filename for w in caught if "the loss became" in str(w.message)] == [__file__]  # the caller's line
     assert history.epoch == []
     assert np.isfinite(to_numpy(model.parameter_buffer.values)).all()

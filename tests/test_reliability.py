@@ -483,9 +483,10 @@ class _PoisonThenInterrupt(pn.Callback):
 
 def test_an_interrupted_fit_never_leaves_non_finite_weights(device):
     model = _classifier(device).build(5)
-    with pytest.warns(RuntimeWarning, match=r"the model keeps the weights from the end of epoch 1"):
+    with pytest.warns(RuntimeWarning, match=r"the model keeps the weights from the end of epoch 1") as caught:
         with pytest.raises(KeyboardInterrupt):
             model.fit(X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[_PoisonThenInterrupt()])
+    assert [w.filename for w in caught if "keeps the weights" in str(w.message)] == [__file__]  # the caller's line
     assert bool(model.parameter_buffer.all_finite())
     assert model.optimizer.iterations == 8  # the end of epoch 1, with its optimizer state
 

@@ -101,8 +101,9 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path):
     first = _model()
     _fit(first, 2, callbacks=[pn.ModelCheckpoint(path)])
     again = _model()
-    with pytest.warns(UserWarning, match=r"has already trained 2 epochs and fit\(\) was asked for 2 in all"):
+    with pytest.warns(UserWarning, match=r"has already trained 2 epochs and fit\(\) was asked for 2 in all") as caught:
         history = _fit(again, 2, resume_from=path)
+    assert {w.filename for w in caught} == {__file__}  # the caller's line, not portanet's internals
     np.testing.assert_array_equal(_host(again), _host(first))
     assert history.epoch == [0, 1]
 
@@ -111,8 +112,9 @@ def test_resuming_with_another_batch_size_warns(tmp_path):
     path = tmp_path / "ckpt.safetensors"
     _fit(_model(), 1, callbacks=[pn.ModelCheckpoint(path)])
     with pytest.warns(UserWarning, match=r"with batch_size=16, but it was trained with 8: training will not continue "
-                                         r"exactly"):
+                                         r"exactly") as caught:
         _model().fit(X, Y, epochs=2, batch_size=16, validation_split=0.25, verbose=0, resume_from=path)
+    assert {w.filename for w in caught} == {__file__}
 
 
 # -- checkpoints that do not fit ----------------------------------------------------------------------------------
