@@ -180,9 +180,9 @@ class _Monitor:
 
 
 def _non_negative_int(owner, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{owner} {name} must be a non-negative integer, got {value!r}")
-    return value
+    return int(value)
 
 
 _MAX_COUNT = 2**53  # epochs and waits read from a checkpoint: exact as floats, and far beyond any run

@@ -8,6 +8,7 @@ array library is underneath (that is :mod:`portanet.backends`).
 from __future__ import annotations
 
 import collections.abc
+import numbers
 import os
 
 import array_api_compat
@@ -510,7 +511,7 @@ def host_empty(shape, dtype) -> np.ndarray:
 # -- validation split: which rows go where (host index math) ----------------------------------------
 def check_fraction(fraction, source) -> float:
     """``fit(validation_split=...)`` checked: a number in [0, 1), and in-memory data with rows to spare."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 <= fraction < 1:
         raise ValueError(f"validation_split must be a number in [0, 1), got {fraction!r}")
     if not fraction:
         return 0.0

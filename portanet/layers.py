@@ -204,11 +204,12 @@ class Dense(Layer):
                  bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
                  input_dim: int | None = None, name: str | None = None):
         super().__init__(name)
-        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 1:
             raise ValueError(f"units must be a positive integer, got {units!r}")
-        if input_dim is not None and (isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1):
+        if input_dim is not None and (isinstance(input_dim, bool) or not isinstance(input_dim, numbers.Integral)
+                                      or input_dim < 1):
             raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
-        self.units = units
+        self.units = int(units)  # NumPy integers (n_classes = y.max() + 1) become plain ints: configs are JSON
         self.activation = activations.get(activation)
         self.use_bias = flag("Dense", "use_bias", use_bias)
         self.kernel_initializer = None if kernel_initializer is None else _initializer(
@@ -216,7 +217,7 @@ class Dense(Layer):
         self.bias_initializer = _initializer("Dense", "bias_initializer", bias_initializer)
         self.kernel_regularizer = _regularizer("Dense", "kernel_regularizer", kernel_regularizer)
         self.bias_regularizer = _regularizer("Dense", "bias_regularizer", bias_regularizer)
-        self.input_dim = input_dim
+        self.input_dim = None if input_dim is None else int(input_dim)
 
     def output_dim(self, in_dim):
         return self.units

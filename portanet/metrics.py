@@ -7,6 +7,8 @@ the loss only.
 
 from __future__ import annotations
 
+import numbers
+
 import array_api_compat
 
 from ._checks import real
@@ -96,9 +98,9 @@ class TopKAccuracy(Metric):
 
     def __init__(self, k: int = 5, name: str | None = None):
         super().__init__(name)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"top_k_accuracy k must be a positive integer, got {k!r}")
-        self.k = k
+        self.k = int(k)
 
     def batch_sum(self, pred, y, xp):
         labels = xp.reshape(_labels(y, pred.shape[1], xp), (-1, 1))

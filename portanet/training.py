@@ -66,8 +66,10 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
     epochs = _non_negative_int(epochs, "epochs")
     batch_size = _data.positive_int(batch_size, "batch_size")
     _check_verbose(verbose)
-    if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0):
-        raise ValueError(f"log_every must be a positive integer or None, got {log_every!r}")
+    if log_every is not None:
+        if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral) or log_every <= 0:
+            raise ValueError(f"log_every must be a positive integer or None, got {log_every!r}")
+        log_every = int(log_every)
     user_callbacks = check_callbacks(callbacks)
     train = _data.adapt(x, y, sample_weight, steps=steps_per_epoch, targets=True)
     _check_model_fits(model, train)

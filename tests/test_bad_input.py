@@ -127,6 +127,22 @@ def test_dense_arguments_are_validated(kwargs, message):
         pn.Dense(**kwargs)
 
 
+def test_numpy_integers_and_floats_are_accepted_where_python_ones_are(tmp_path):
+    """Counts computed with NumPy (``y.max() + 1`` is an np.int64) are integers: accepted, stored as plain ints, so
+    the config stays JSON and the model saves."""
+    n_classes = Y.max() + 1
+    model = pn.Model([pn.Dense(np.int64(5), "relu", input_dim=np.int32(4)), pn.Dense(n_classes, "softmax")], seed=0)
+    model.compile("sparse_categorical_crossentropy", "adam", [pn.metrics.TopKAccuracy(k=np.int64(2))])
+    stop = pn.EarlyStopping(monitor="loss", patience=np.int64(1))
+    model.fit(X, Y, epochs=np.int64(2), batch_size=np.int64(5), log_every=np.int64(2),
+              validation_split=np.float32(0.25), verbose=0, callbacks=[stop])
+    config = model.get_config()
+    assert type(config["layers"][1]["units"]) is int and type(config["layers"][0]["input_dim"]) is int
+    assert type(stop.patience) is int and type(model.metrics[0].k) is int
+    model.save(tmp_path / "m.safetensors")
+    assert pn.load(tmp_path / "m.safetensors").get_config()["layers"] == config["layers"]
+
+
 def test_dropout_rate_is_validated():
     with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\), got 1"):
         pn.Dropout(1)
