@@ -583,14 +583,17 @@ class Model:
         """Same as :func:`portanet.load`: rebuild a saved model on ``device`` / ``backend``."""
         return load(path, device=device, backend=backend)
 
-    def get_config(self) -> dict:
-        """Architecture and training configuration as plain JSON-able data."""
+    def get_config(self, include_optimizer: bool = True) -> dict:
+        """Architecture and training configuration as plain JSON-able data. An optimizer whose learning rate is a
+        plain callable has no config (ValueError); ``include_optimizer=False`` records ``"optimizer": None``
+        instead (what ``save_weights`` and ``export_onnx`` fall back to: neither needs the optimizer)."""
+        optimizer = self.optimizer if include_optimizer else None
         return {
             "layers": [layer.get_config() for layer in self.layers],
             "input_dim": self.input_dim,
             "dtype": self.dtype,
             "loss": None if self.loss is None else self.loss.get_config(),
-            "optimizer": None if self.optimizer is None else self.optimizer.get_config(),
+            "optimizer": None if optimizer is None else optimizer.get_config(),
             "metrics": [m.get_config() for m in self.metrics],
         }
 

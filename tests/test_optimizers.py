@@ -230,6 +230,18 @@ def test_a_plain_callable_trains_but_cannot_be_saved():
         opt.get_config()
 
 
+def test_a_plain_callable_leaves_save_weights_working_and_only_save_refusing(tmp_path):
+    x = np.random.default_rng(0).standard_normal((16, 3))
+    model = pn.Model([pn.Dense(2)], seed=0).compile("mse", pn.SGD(lambda step: 0.1 / (1 + step)))
+    model.fit(x, x[:, :2], epochs=1, batch_size=4, verbose=0)
+    with pytest.raises(ValueError, match="plain callable has no config"):
+        model.save(tmp_path / "m.safetensors")
+    assert model.get_config(include_optimizer=False)["optimizer"] is None
+    model.save_weights(tmp_path / "w.safetensors")  # weights need no optimizer
+    twin = pn.Model([pn.Dense(2)]).load_weights(tmp_path / "w.safetensors")
+    assert_close(twin.predict(x), model.predict(x), rtol=0, atol=0)
+
+
 def test_a_model_saves_and_loads_its_schedule(tmp_path):
     x = np.random.default_rng(0).standard_normal((16, 3))
     model = pn.Model([pn.Dense(2)], seed=0).compile("mse", pn.SGD(pn.PolynomialDecay(0.1, 10), clipvalue=0.5))
