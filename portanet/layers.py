@@ -229,9 +229,11 @@ class Dense(Layer):
 
     def init_params(self, rng, in_dim):
         init = self.kernel_initializer or _DEFAULT_KERNEL_INIT[self.activation.init]()
-        values = {"kernel": init((in_dim, self.units), rng)}
+        values = {"kernel": _initializers.draw(init, (in_dim, self.units), rng, f"Dense {self.name!r} "
+                                               "kernel_initializer")}
         if self.use_bias:
-            values["bias"] = self.bias_initializer((self.units,), rng)
+            values["bias"] = _initializers.draw(self.bias_initializer, (self.units,), rng,
+                                                f"Dense {self.name!r} bias_initializer")
         return values
 
     def penalties(self):
@@ -375,11 +377,11 @@ class _Normalization(Layer):
         return shapes
 
     def init_params(self, rng, in_dim):
-        values = {}
+        values, owner = {}, f"{type(self).__name__} {self.name!r}"
         if self.scale:
-            values["gamma"] = self.gamma_initializer((in_dim,), rng)
+            values["gamma"] = _initializers.draw(self.gamma_initializer, (in_dim,), rng, f"{owner} gamma_initializer")
         if self.center:
-            values["beta"] = self.beta_initializer((in_dim,), rng)
+            values["beta"] = _initializers.draw(self.beta_initializer, (in_dim,), rng, f"{owner} beta_initializer")
         return values
 
     def penalties(self):
