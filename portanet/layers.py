@@ -191,8 +191,9 @@ class Dense(Layer):
     config dict or a :mod:`portanet.initializers` object; the kernel defaults to He normal (truncated, as in Keras)
     for the ReLU family and Glorot uniform otherwise, the bias to zeros. Values are drawn on the host from the
     model's seeded generator, so they are the same on every backend.
-    ``kernel_regularizer`` / ``bias_regularizer``: None (default), ``"l1"``, ``"l2"``, ``"l1_l2"`` (Keras defaults,
-    0.01) or a :mod:`portanet.regularizers` object; the penalty is added to the loss that ``fit``, ``evaluate``
+    ``kernel_regularizer`` / ``bias_regularizer``: None (default), ``"l1"``, ``"l2"`` (Keras defaults, 0.01),
+    ``"l1_l2"`` (Keras 3's ``L1L2()`` defaults, 0.0 and 0.0: no penalty; give ``L1L2(l1=..., l2=...)``) or a
+    :mod:`portanet.regularizers` object; the penalty is added to the loss that ``fit``, ``evaluate``
     and ``train_step`` report, and its gradient to the parameter's. Weight decay of the optimizer applies to the
     kernel, not the bias, unless the optimizer is told otherwise. Unknown names and bad arguments raise ValueError
     naming the argument.
