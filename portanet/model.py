@@ -209,6 +209,11 @@ class Model:
                     for layer in self.layers for key in layer.params}
         opt.set_decay_mask(params.mask(lambda name: opt.uses_weight_decay(name, defaults[name])) if segments else None)
         self._bound_rules = opt.decay_rules
+        unknown = [name for kind in ("exclude", "include") for name in opt.decay_rules[kind][0] if name not in defaults]
+        if unknown:  # exact names are for parameters this model has: one that matches none is a typo
+            warnings.warn(f"the optimizer's weight decay rules (var_list) name {unknown}, which this model has no "
+                          f"parameter called; its parameters are {list(defaults)} (var_names takes patterns)",
+                          UserWarning, stacklevel=3)
 
     @property
     def min_training_rows(self) -> int:
