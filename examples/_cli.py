@@ -9,6 +9,7 @@ import argparse
 import os
 import platform
 import sys
+import textwrap
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -62,9 +63,10 @@ class _Threads(argparse.Action):
 
 
 def example_parser(doc: str, seed_help: str = "initial weights") -> argparse.ArgumentParser:
-    """A parser described by the first line of ``doc`` (the example's docstring, shown in full after the options)."""
-    summary, _, details = doc.partition("\n")
-    parser = argparse.ArgumentParser(description=summary, epilog=details,
+    """A parser described by the first paragraph of ``doc`` (the example's docstring, whose rest is shown after the
+    options); a summary may span lines."""
+    summary, _, details = doc.strip().partition("\n\n")
+    parser = argparse.ArgumentParser(description=textwrap.fill(" ".join(summary.split()), 100), epilog=details,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu",
                         help='"cpu" (default), "cuda", "cuda:N", or the backend\'s own device name (e.g. device1)')

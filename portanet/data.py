@@ -17,8 +17,8 @@ import numpy as np
 from .backends import Device, dtype_name, host_rng, is_host_data, library_of, resolve_device, take_rows
 
 __all__ = ["adapt", "batches", "Batches", "device_batch", "ArrayAdapter", "SliceableAdapter", "StreamAdapter",
-           "StreamError", "check_array", "check_lengths", "check_fraction", "split_rows", "host_empty", "is_stream",
-           "in_memory"]
+           "StreamError", "check_array", "check_lengths", "check_fraction", "split_rows", "split_sizes", "host_empty",
+           "is_stream", "in_memory"]
 
 BLOCK_BYTES = 32 * 2**20  # default block for disk-backed data: one contiguous read, then shuffled within
 
@@ -531,22 +531,41 @@ def split_rows(n: int, fraction: float, labels, seed: int):
     """``(train_rows, val_rows)``: sorted host int64 indices, about ``fraction`` of the ``n`` rows for validation.
 
     ``labels`` (host int array of class labels, or None): each class contributes its share (largest remainders
-    get the rounding, a class never gives all its rows), so validation and training see the same class mix.
+    get the rounding, a class never gives all its rows), so validation and training see the same class mix; the
+    sizes are :func:`split_sizes`'s.
     """
     rng = np.random.default_rng(seed)
     n_val = round(fraction * n)
     val = rng.permutation(n)[:n_val]
     if labels is not None:
-        classes, counts = np.unique(labels, return_counts=True)
-        exact = counts * (n_val / n)
-        take = np.minimum(np.floor(exact).astype(np.int64), np.maximum(counts - 1, 0))
-        spare = n_val - int(take.sum())
-        for i in np.lexsort((rng.random(len(classes)), take - exact)):  # largest remainder first, ties at random
-            if spare > 0 and take[i] < counts[i] - 1:
-                take[i] += 1
-                spare -= 1
+        classes, take = _class_shares(n, n_val, labels, rng)
         if take.sum():  # else every class is a singleton: the plain random split above
             val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)])
     is_val = np.zeros(n, bool)
     is_val[val] = True
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def split_sizes(n: int, fraction: float, labels) -> tuple[int, int]:
+    """``(training rows, validation rows)`` that :func:`split_rows` gives for any seed: ``round(fraction * n)``
+    validation rows, fewer when a stratified split runs out of classes that can give one more row."""
+    n_val = round(fraction * n)
+    if labels is not None:
+        # the seed only breaks ties between classes; how many rows the shares add up to does not depend on it
+        take = _class_shares(n, n_val, labels, np.random.default_rng(0))[1]
+        n_val = int(take.sum()) or n_val
+    return n - n_val, n_val
+
+
+def _class_shares(n: int, n_val: int, labels, rng):
+    """``(classes, rows of each for validation)``: each class's share of ``n_val`` rounded down, then one more row
+    for the largest remainders (ties in ``rng``'s order) while rows are left, never all of a class's rows."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (n_val / n)
+    take = np.minimum(np.floor(exact).astype(np.int64), np.maximum(counts - 1, 0))
+    spare = n_val - int(take.sum())
+    for i in np.lexsort((rng.random(len(classes)), take - exact)):  # largest remainder first, ties at random
+        if spare > 0 and take[i] < counts[i] - 1:
+            take[i] += 1
+            spare -= 1
+    return classes, take

@@ -317,6 +317,15 @@ _LAYER_BUILDERS = {
 
 
 # -- the entry point ------------------------------------------------------------------------------------------------
+def _config(model) -> dict:
+    """``model.get_config()``; without the optimizer when that cannot record itself (a plain callable learning
+    rate has no config): serving needs none, and a model trained that way must still export."""
+    try:
+        return model.get_config()
+    except ValueError:
+        return model.get_config(include_optimizer=False)  # raises again if something else has no config
+
+
 def _import_onnx():
     try:
         import onnx
@@ -350,7 +359,9 @@ def export_onnx(model, path, opset=None) -> str:
     size is free) and returns ``"output"`` (batch, output_dim), the values ``model.predict`` gives (dropout off,
     BatchNormalization with its moving statistics). The file's
     metadata_props hold ``portanet_version`` and ``portanet_config`` (``model.get_config()`` as JSON); its
-    producer is "portanet". ``opset``: from :data:`MIN_OPSET` to :data:`MAX_OPSET`, default :data:`DEFAULT_OPSET`.
+    producer is "portanet" (the config's ``"optimizer"`` is None when the optimizer's learning rate is a plain
+    callable, which has no config). ``opset``: from :data:`MIN_OPSET` to :data:`MAX_OPSET`, default
+    :data:`DEFAULT_OPSET`.
     The graph passes ``onnx.checker.check_model(full_check=True)`` before it is written, atomically (a temporary
     file in the same folder, then a rename): a failed export leaves an existing file untouched.
 
@@ -391,8 +402,7 @@ def export_onnx(model, path, opset=None) -> str:
         with graph._scoped(layer.name):
             x = builder(graph, layer, x, param)
 
-    metadata = {"portanet_version": portanet.__version__,
-                "portanet_config": json.dumps(model.get_config(), default=str)}
+    metadata = {"portanet_version": portanet.__version__, "portanet_config": json.dumps(_config(model), default=str)}
     proto = graph._model(x, model.input_dim, model.output_dim, metadata,
                          doc=f"portanet model: {len(model.layers)} layers, {model.input_dim} -> {model.output_dim}, "
                              f"{model.dtype}")

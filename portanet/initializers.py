@@ -17,7 +17,7 @@ from ._registry import resolve
 __all__ = [
     "Initializer", "Zeros", "Ones", "Constant", "Identity", "RandomNormal", "RandomUniform", "TruncatedNormal",
     "VarianceScaling", "GlorotUniform", "GlorotNormal", "HeUniform", "HeNormal", "LecunUniform", "LecunNormal",
-    "Orthogonal", "compute_fans", "get", "INITIALIZERS",
+    "Orthogonal", "compute_fans", "draw", "get", "INITIALIZERS",
 ]
 
 TRUNCATED_STDDEV = 0.87962566103423978  # std of a standard normal truncated to [-2, 2] (Keras's constant)
@@ -316,6 +316,19 @@ INITIALIZERS = {cls.name: cls for cls in (Zeros, Ones, Constant, Identity, Rando
                                           TruncatedNormal, VarianceScaling, GlorotUniform, GlorotNormal, HeUniform,
                                           HeNormal, LecunUniform, LecunNormal, Orthogonal)}
 _ALIASES = {cls.__name__.lower(): cls.name for cls in INITIALIZERS.values()}
+
+
+def draw(initializer, shape, rng, what: str) -> np.ndarray:
+    """``initializer(shape, rng)`` as a float64 array, checked: ValueError naming ``what`` (the layer and
+    argument) when the values have another shape or hold NaN or inf (a custom initializer's mistake, which would
+    otherwise be reshaped into the wrong weights or reach training as NaN)."""
+    values = np.asarray(initializer(shape, rng), dtype=np.float64)
+    if values.shape != tuple(shape):
+        raise ValueError(f"{what} {initializer!r} gave values of shape {values.shape} for a parameter of shape "
+                         f"{tuple(shape)}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what} {initializer!r} gave NaN or inf values")
+    return values
 
 
 def get(initializer) -> Initializer | None:

@@ -70,8 +70,22 @@ def save(model, path, include_optimizer: bool = True) -> None:
 
 
 def save_weights(model, path) -> None:
-    """Write the weights and state (and the architecture, for clear errors on load) without optimizer state."""
-    save(model, path, include_optimizer=False)
+    """Write the weights and state (and the architecture, for clear errors on load) without optimizer state. An
+    optimizer whose configuration cannot be recorded (a plain callable learning rate) is left out of the config:
+    weights do not need it."""
+    tensors, meta = _model_parts(model, include_optimizer=False, config=_config_for_weights(model))
+    _check_writable(model, tensors, meta)
+    _write_atomic(path, tensors, meta)
+
+
+def _config_for_weights(model) -> dict:
+    """``model.get_config()``, or, when its optimizer cannot record itself (a plain callable learning rate, which
+    has no config), the same without the optimizer: for files that carry weights, not training (save_weights,
+    ONNX export)."""
+    try:
+        return model.get_config()
+    except ValueError:
+        return model.get_config(include_optimizer=False)  # raises again if something else has no config
 
 
 def save_checkpoint(model, path, epoch: int, params: dict) -> None:
@@ -107,11 +121,12 @@ def _host(a, dtype=None):
     return host if dtype is None else host.astype(dtype, copy=False)
 
 
-def _model_parts(model, include_optimizer):
+def _model_parts(model, include_optimizer, config=None):
     buffer = model.parameter_buffer
     tensors = {name: _host(v) for name, v in buffer.parameters().items()}
     tensors.update({name: _host(v) for name, v in buffer.states().items()})
-    meta = {"format": FORMAT, "version": VERSION, "config": json.dumps(model.get_config())}
+    meta = {"format": FORMAT, "version": VERSION,
+            "config": json.dumps(model.get_config() if config is None else config)}
     optimizer = model.optimizer
     if include_optimizer and optimizer is not None and (optimizer.state or optimizer.iterations):
         state = optimizer.state_dict()

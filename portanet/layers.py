@@ -191,8 +191,9 @@ class Dense(Layer):
     config dict or a :mod:`portanet.initializers` object; the kernel defaults to He normal (truncated, as in Keras)
     for the ReLU family and Glorot uniform otherwise, the bias to zeros. Values are drawn on the host from the
     model's seeded generator, so they are the same on every backend.
-    ``kernel_regularizer`` / ``bias_regularizer``: None (default), ``"l1"``, ``"l2"``, ``"l1_l2"`` (Keras defaults,
-    0.01) or a :mod:`portanet.regularizers` object; the penalty is added to the loss that ``fit``, ``evaluate``
+    ``kernel_regularizer`` / ``bias_regularizer``: None (default), ``"l1"``, ``"l2"`` (Keras defaults, 0.01),
+    ``"l1_l2"`` (Keras 3's ``L1L2()`` defaults, 0.0 and 0.0: no penalty; give ``L1L2(l1=..., l2=...)``) or a
+    :mod:`portanet.regularizers` object; the penalty is added to the loss that ``fit``, ``evaluate``
     and ``train_step`` report, and its gradient to the parameter's. Weight decay of the optimizer applies to the
     kernel, not the bias, unless the optimizer is told otherwise. Unknown names and bad arguments raise ValueError
     naming the argument.
@@ -230,9 +231,11 @@ class Dense(Layer):
 
     def init_params(self, rng, in_dim):
         init = self.kernel_initializer or _DEFAULT_KERNEL_INIT[self.activation.init]()
-        values = {"kernel": init((in_dim, self.units), rng)}
+        values = {"kernel": _initializers.draw(init, (in_dim, self.units), rng, f"Dense {self.name!r} "
+                                               "kernel_initializer")}
         if self.use_bias:
-            values["bias"] = self.bias_initializer((self.units,), rng)
+            values["bias"] = _initializers.draw(self.bias_initializer, (self.units,), rng,
+                                                f"Dense {self.name!r} bias_initializer")
         return values
 
     def penalties(self):
@@ -376,11 +379,11 @@ class _Normalization(Layer):
         return shapes
 
     def init_params(self, rng, in_dim):
-        values = {}
+        values, owner = {}, f"{type(self).__name__} {self.name!r}"
         if self.scale:
-            values["gamma"] = self.gamma_initializer((in_dim,), rng)
+            values["gamma"] = _initializers.draw(self.gamma_initializer, (in_dim,), rng, f"{owner} gamma_initializer")
         if self.center:
-            values["beta"] = self.beta_initializer((in_dim,), rng)
+            values["beta"] = _initializers.draw(self.beta_initializer, (in_dim,), rng, f"{owner} beta_initializer")
         return values
 
     def penalties(self):

@@ -209,6 +209,11 @@ class Model:
                     for layer in self.layers for key in layer.params}
         opt.set_decay_mask(params.mask(lambda name: opt.uses_weight_decay(name, defaults[name])) if segments else None)
         self._bound_rules = opt.decay_rules
+        unknown = [name for kind in ("exclude", "include") for name in opt.decay_rules[kind][0] if name not in defaults]
+        if unknown:  # exact names are for parameters this model has: one that matches none is a typo
+            warnings.warn(f"the optimizer's weight decay rules (var_list) name {unknown}, which this model has no "
+                          f"parameter called; its parameters are {list(defaults)} (var_names takes patterns)",
+                          UserWarning, stacklevel=3)
 
     @property
     def min_training_rows(self) -> int:
@@ -583,14 +588,17 @@ class Model:
         """Same as :func:`portanet.load`: rebuild a saved model on ``device`` / ``backend``."""
         return load(path, device=device, backend=backend)
 
-    def get_config(self) -> dict:
-        """Architecture and training configuration as plain JSON-able data."""
+    def get_config(self, include_optimizer: bool = True) -> dict:
+        """Architecture and training configuration as plain JSON-able data. An optimizer whose learning rate is a
+        plain callable has no config (ValueError); ``include_optimizer=False`` records ``"optimizer": None``
+        instead (what ``save_weights`` and ``export_onnx`` fall back to: neither needs the optimizer)."""
+        optimizer = self.optimizer if include_optimizer else None
         return {
             "layers": [layer.get_config() for layer in self.layers],
             "input_dim": self.input_dim,
             "dtype": self.dtype,
             "loss": None if self.loss is None else self.loss.get_config(),
-            "optimizer": None if self.optimizer is None else self.optimizer.get_config(),
+            "optimizer": None if optimizer is None else optimizer.get_config(),
             "metrics": [m.get_config() for m in self.metrics],
         }
 

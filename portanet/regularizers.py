@@ -107,8 +107,9 @@ _ALIASES = {"l1l2": "l1_l2"}
 
 
 def get(regularizer) -> Regularizer | None:
-    """A regularizer from a name (``"l1"``, ``"l2"``, ``"l1_l2"``: Keras defaults), a config dict or an instance;
-    ``None`` gives ``None``. Unknown names and bad arguments raise ValueError."""
+    """A regularizer from a name (``"l1"``, ``"l2"``, ``"l1_l2"``: Keras 3's defaults, so ``"l1_l2"`` has both
+    factors 0.0 and penalizes nothing), a config dict or an instance; ``None`` gives ``None``. Unknown names and bad
+    arguments raise ValueError."""
     if regularizer is None:
         return None
     return resolve("regularizer", REGULARIZERS, regularizer, Regularizer, _ALIASES)

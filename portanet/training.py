@@ -247,7 +247,7 @@ def _check_training_rows(model, source, batch_size, fraction):
     need = model.min_training_rows
     if need <= 1 or source.n is None:
         return
-    n = source.n - round(fraction * source.n)  # the rows validation_split leaves for training (data.split_rows)
+    n = _data.split_sizes(source.n, fraction, _split_labels(model, source))[0] if fraction else source.n
     last = n % batch_size or batch_size
     if min(n, last) < need:
         layer = next(layer for layer in model.layers if layer.min_training_rows == need)
@@ -285,14 +285,18 @@ def _batches(model, source, batch_size, shuffle=False):
 
 def _split_validation(model, source, fraction, seed):
     """Hold out ``fraction`` of the rows (stratified by class for classification) as validation data."""
-    labels, y = None, source.y
-    n_classes = model.loss.classes(model.output_dim)
-    if n_classes is not None:
-        labels = to_numpy(model.loss.class_labels(y, model.output_dim, array_api_compat.array_namespace(y)))
-    train_rows, val_rows = _data.split_rows(source.n, fraction, labels, seed)
+    train_rows, val_rows = _data.split_rows(source.n, fraction, _split_labels(model, source), seed)
     val = source.take(val_rows)
     val.prefix = "validation"
     return source.take(train_rows), val
+
+
+def _split_labels(model, source):
+    """Host class labels of ``source.y`` that a validation split is stratified by, or None (a regression loss)."""
+    width, y = model.output_width(source.width), source.y
+    if model.loss.classes(width) is None:
+        return None
+    return to_numpy(model.loss.class_labels(y, width, array_api_compat.array_namespace(y)))
 
 
 def _run_epoch(model, batches, cbs, epoch, guard, log_every, class_table, interrupted) -> dict:

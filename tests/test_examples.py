@@ -59,6 +59,8 @@ def test_the_readme_quickstart_runs_as_pasted_on_a_machine_without_a_gpu(tmp_pat
 def test_every_example_documents_device_backend_and_threads_in_its_help(script):
     out = run_example(script, "--help")
     assert "--device" in out and "--backend" in out and "--threads N" in out
+    summary = " ".join((EXAMPLES / script).read_text().split('"""')[1].split("\n\n")[0].split())
+    assert summary in " ".join(out.split("options:")[0].split())  # the whole first paragraph, before the options
 
 
 @pytest.mark.parametrize("form", [["--threads", "1"], ["--threads=1"]])

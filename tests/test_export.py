@@ -216,6 +216,16 @@ def test_file_passes_the_full_check_and_describes_itself(tmp_path):
 
 
 @requires_onnx
+def test_a_model_trained_with_a_plain_callable_learning_rate_exports_without_its_optimizer(tmp_path):
+    model = _randomize(_deep("cpu", "float32"))
+    model.compile("categorical_crossentropy", pn.SGD(lambda step: 0.1 / (1 + step)))
+    path = pn.export_onnx(model, tmp_path / "m.onnx")
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert json.loads(props["portanet_config"]) == model.get_config(include_optimizer=False)
+    _assert_matches_predict(model, path, 10, "float32")
+
+
+@requires_onnx
 def test_batch_dimension_is_dynamic(tmp_path):
     model = _randomize(_deep("cpu", "float64"))
     session = ort.InferenceSession(pn.export_onnx(model, tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

@@ -220,3 +220,36 @@ def test_a_bad_dense_initializer_names_the_argument(kwargs, error, match):
 
     with pytest.raises(error, match=match):
         pn.Dense(3, **kwargs)
+
+
+class _Transposed(initializers.Initializer):
+    """A custom initializer with a bug: it draws (units, in) for a kernel of shape (in, units)."""
+
+    name = "transposed"
+
+    def _draw(self, shape, rng):
+        return rng.standard_normal(tuple(reversed(shape)))
+
+
+class _KerasStyle(initializers.Initializer):
+    """Written as for Keras (``__call__(shape, dtype=None)``), returning NaN by mistake."""
+
+    def __call__(self, shape, dtype=None):
+        return np.full(shape, np.nan)
+
+
+@pytest.mark.parametrize("layer,match", [
+    (lambda pn: pn.Dense(3, kernel_initializer=_Transposed(), name="wide"),
+     r"Dense 'wide' kernel_initializer _Transposed\(\) gave values of shape \(3, 4\) for a parameter of shape "
+     r"\(4, 3\)"),
+    (lambda pn: pn.Dense(3, bias_initializer=_KerasStyle()), r"Dense 'dense_0' bias_initializer .* gave NaN or inf"),
+    (lambda pn: pn.LayerNormalization(gamma_initializer=_KerasStyle()),
+     r"LayerNormalization 'layer_normalization_0' gamma_initializer .* gave NaN or inf"),
+])
+def test_a_custom_initializer_giving_the_wrong_shape_or_nan_is_refused_at_build(layer, match):
+    import portanet as pn
+
+    model = pn.Model([layer(pn)], seed=0)
+    with pytest.raises(ValueError, match=match):
+        model.build(4)
+    assert not model.built

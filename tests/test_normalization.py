@@ -377,3 +377,18 @@ def test_fit_refuses_a_batch_size_that_leaves_one_row_before_anything_changes(ro
         np.testing.assert_array_equal(after[0], before[0])
         np.testing.assert_array_equal(after[1], before[1])
         assert after[2] == before[2]
+
+
+def test_fit_counts_the_rows_a_stratified_split_really_leaves_for_training():
+    # 5 classes of 2 rows: validation_split=0.6 asks for 6 rows, but each class keeps one, so 5 are held out and 5
+    # train: batches of 4 and 1 row, refused before anything changes (the check used to count 4 rows and let the
+    # second step fail mid-epoch).
+    model = pn.Model([pn.Dense(4), pn.BatchNormalization(), pn.Dense(5, "softmax")], seed=0)
+    model.compile("sparse_categorical_crossentropy", "sgd")
+    x, y = RNG.standard_normal((10, 3)), np.repeat(np.arange(5), 2)
+    with pytest.raises(ValueError, match=r"batch_size=4 splits the 5 training rows into batches the last of which "
+                                         r"has 1 row\(s\)"):
+        model.fit(x, y, batch_size=4, validation_split=0.6, epochs=1, verbose=0)
+    assert not model.built and model.optimizer.iterations == 0
+    model.fit(x, y, batch_size=5, validation_split=0.6, epochs=1, verbose=0)
+    assert model.optimizer.iterations == 1

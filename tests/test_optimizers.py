@@ -1,5 +1,7 @@
 """Optimizer updates against torch.optim, state placement and export, argument validation."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -228,6 +230,18 @@ def test_a_plain_callable_trains_but_cannot_be_saved():
     assert "learning_rate=<function" in repr(opt)
     with pytest.raises(ValueError, match="plain callable has no config"):
         opt.get_config()
+
+
+def test_a_plain_callable_leaves_save_weights_working_and_only_save_refusing(tmp_path):
+    x = np.random.default_rng(0).standard_normal((16, 3))
+    model = pn.Model([pn.Dense(2)], seed=0).compile("mse", pn.SGD(lambda step: 0.1 / (1 + step)))
+    model.fit(x, x[:, :2], epochs=1, batch_size=4, verbose=0)
+    with pytest.raises(ValueError, match="plain callable has no config"):
+        model.save(tmp_path / "m.safetensors")
+    assert model.get_config(include_optimizer=False)["optimizer"] is None
+    model.save_weights(tmp_path / "w.safetensors")  # weights need no optimizer
+    twin = pn.Model([pn.Dense(2)]).load_weights(tmp_path / "w.safetensors")
+    assert_close(twin.predict(x), model.predict(x), rtol=0, atol=0)
 
 
 def test_a_model_saves_and_loads_its_schedule(tmp_path):
@@ -675,3 +689,17 @@ def test_negative_clip_norms_raise_before_any_model_changes():
             model.compile("mse", pn.SGD(0.1, **{arg: -1.0}))
     assert model.optimizer.clipnorm is None
     np.testing.assert_array_equal(to_numpy(model.parameter_buffer.values), before)
+
+
+def test_a_decay_rule_naming_a_parameter_the_model_does_not_have_warns():
+    opt = pn.AdamW(weight_decay=0.1)
+    opt.include_in_weight_decay(var_list=["dense_0.bais"])  # a typo: nothing would be included
+    model = pn.Model([pn.Dense(4), pn.Dense(2)], seed=0).compile("mse", opt)
+    with pytest.warns(UserWarning, match=r"rules \(var_list\) name \['dense_0.bais'\], which this model has no "
+                                         r"parameter called; its parameters are \['dense_0.kernel', 'dense_0.bias'"):
+        model.build(3)
+    opt.exclude_from_weight_decay(var_names=["nothing_matches_this"])  # patterns may match nothing: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pn.Model([pn.Dense(2)], seed=0).compile("mse", pn.AdamW(exclude_from_weight_decay={
+            "var_list": ["dense_0.bias"], "var_names": ["nothing"]})).build(3)

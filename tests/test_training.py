@@ -5,7 +5,7 @@ import pytest
 
 import portanet as pn
 from portanet import to_numpy
-from portanet.data import split_rows
+from portanet.data import split_rows, split_sizes
 from portanet.data import StreamError
 from portanet.testing import assert_close
 
@@ -56,6 +56,23 @@ def test_split_rows_never_takes_every_row_of_a_class():
     labels = np.array([0] * 10 + [1, 2])
     train, val = split_rows(12, 0.5, labels, seed=0)
     assert set(labels[train]) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_sizes_are_the_sizes_split_rows_gives_for_every_seed(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 40))
+    labels = [None, rng.integers(0, int(rng.integers(1, 8)), n), np.repeat(np.arange(n // 2), 2)[:n]][seed % 3]
+    fraction = float(rng.uniform(1 / n, 1 - 1 / n))
+    if not 1 <= round(fraction * n) < n:
+        fraction = 1 / n
+    train, val = split_rows(n, fraction, labels, seed=seed)
+    assert split_sizes(n, fraction, labels) == (len(train), len(val))
+
+
+def test_a_stratified_split_short_of_rows_keeps_them_for_training():
+    labels = np.repeat(np.arange(5), 2)  # 6 of 10 rows asked for, but each class keeps one row: 5 held out
+    assert split_sizes(10, 0.6, labels) == (5, 5)
 
 
 def test_validation_split_is_stratified_not_the_last_rows(device):
