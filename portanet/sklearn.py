@@ -772,6 +772,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         """One epoch over (X, y); ``classes`` (every label the estimator will see) is required on the first call.
         Labels not in ``classes_`` raise ValueError. Returns self."""
         known = getattr(self, "classes_", None)
+        known = None if known is None else to_numpy(known)
         if known is None and classes is None:
             raise ValueError("classes must be passed on the first call to partial_fit.")
         if classes is not None and known is not None and not np.array_equal(known, unique_labels(classes)):
@@ -793,14 +794,19 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             self._label_binarizer.fit(y)
             self.classes_ = self._label_binarizer.classes_
         else:
-            classes = unique_labels(y)
+            classes, known = unique_labels(y), to_numpy(self.classes_)
             if self.warm_start:
-                if set(classes) != set(self.classes_):
+                if set(classes) != set(known):
                     raise ValueError("warm_start can only be used where `y` has the same classes as in the previous "
-                                     f"call to fit. Previously got {self.classes_}, `y` has {classes}")
-            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
-                raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. 'y' "
-                                 f"has {classes}.")
+                                     f"call to fit. Previously got {known}, `y` has {classes}")
+            elif len(np.setdiff1d(classes, known, assume_unique=True)):
+                raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has {known}. 'y' has "
+                                 f"{classes}.")
+        if _dispatch() and _foreign(X):  # scikit-learn's array-API convention: fitted arrays live where X does
+            host = to_numpy(self.classes_)
+            if host.dtype.kind in "iuf":  # string labels stay NumPy
+                xp = array_api_compat.array_namespace(X)
+                self.classes_ = xp.asarray(host, device=array_api_compat.device(X), copy=True)
         return X, self._label_binarizer.transform(y)
 
     def _output_activation_name(self):
@@ -827,7 +833,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         xp = array_api_compat.array_namespace(out)
         if self._label_binarizer.y_type_.startswith("multilabel"):
             return xp.astype(out > 0.5, xp.int64)
-        classes = self.classes_
+        classes = self._label_binarizer.classes_
         if classes.dtype.kind not in "iuf" or len(classes) < 2:
             return self._labels(to_numpy(out))
         index = xp.argmax(out, axis=1) if self.out_activation_ == "softmax" else xp.astype(out[:, 0] > 0.5, xp.int64)

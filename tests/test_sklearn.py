@@ -45,6 +45,20 @@ Y_COUNTS = np.random.RandomState(0).poisson(np.exp(X_REG[:, 0] / 3))
 WEIGHTS = np.random.RandomState(1).rand(300)
 
 
+@pytest.fixture(autouse=True)
+def _keep_array_api_strict_flags():
+    """scikit-learn's array-API code sets array-api-strict's flags for the whole process (1.6: api_version
+    2023.12, 1.7 and 1.8: 2024.12); put back the suite's after each test."""
+    try:
+        import array_api_strict
+    except ImportError:
+        yield
+        return
+    flags = array_api_strict.get_array_api_strict_flags()
+    yield
+    array_api_strict.set_array_api_strict_flags(**flags)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_blas_thread():
     """The networks here are tiny: on a shared machine, BLAS threads only wait for each other (2x slower here)."""
@@ -322,7 +336,7 @@ def test_array_api_dispatch_keeps_inputs_and_outputs_on_their_device(monkeypatch
         est = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, random_state=0).fit(X, y)
         assert est._model.device.backend == "array_api_strict" and est._model.device.device == device1
         proba, labels = est.predict_proba(X), est.predict(X)
-        assert proba.device == device1 and labels.device == device1
+        assert proba.device == device1 and labels.device == device1 and est.classes_.device == device1
         assert est.score(X, y) == pytest.approx(MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, random_state=0)
                                                 .fit(X_DIGITS, Y_DIGITS).score(X_DIGITS, Y_DIGITS))
         with pytest.raises(ValueError, match=r"MLPClassifier\.predict\(\) must use the same namespace"):
