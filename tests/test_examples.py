@@ -186,6 +186,20 @@ def test_export_onnx_example_runs_on_each_backend(device, mnist_dir):
     assert ours == theirs and ours > 2000
 
 
+def test_sklearn_pipeline_example_documents_device_and_backend_in_its_help():
+    pytest.importorskip("sklearn", reason='the example needs the sklearn extra: pip install "portanet[sklearn]"')
+    out = run_example("sklearn_pipeline.py", "--help")
+    assert "--device" in out and "--backend" in out
+
+
+def test_sklearn_pipeline_example_grid_searches_with_two_processes_on_each_backend(device):
+    pytest.importorskip("sklearn", reason='the example needs the sklearn extra: pip install "portanet[sklearn]"')
+    out = run_example("sklearn_pipeline.py", "--max-iter", 2, *_cli(device))
+    assert f"8 candidates x 3 folds, 2 processes, on {device.name} ({device.backend}, float64)" in out
+    assert len(re.findall(r"^ +[\d.]+% \| alpha=", out, re.M)) == 8
+    assert _number(r"held-out accuracy ([\d.]+)% on 450 digits", out) > 30
+
+
 def _kernel_manager(tmp_path):
     """A kernel running this very interpreter, whatever kernelspecs the machine has installed."""
     from jupyter_client.kernelspec import KernelSpecManager
