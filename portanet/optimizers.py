@@ -178,6 +178,11 @@ class Optimizer(Owned):
         return {"iterations": self.iterations, "slots": dict(self.state)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take back a :meth:`state_dict`: the step count and the slots, or, from an optimizer that had not stepped
+        yet (0 iterations, no slots), that fresh state."""
+        if not state.get("slots") and state.get("iterations") == 0:
+            self.iterations, self.state = 0, {}
+            return
         missing = set(self.slots) - set(state.get("slots", {}))
         if missing:
             raise ValueError(f"optimizer state for {self.name} is missing slots {sorted(missing)}")
