@@ -648,7 +648,7 @@ def get_communicator(spec=None, **options) -> Communicator:
     ``mpiexec``), "nccl" (:class:`NCCLCommunicator`), or a :class:`Communicator`, returned as it is.
     ``options`` go to the constructor (``timeout=``, ...). "mpi" and "nccl" make one communicator per process for
     each set of options and return it again on later calls (``fit`` and ``evaluate`` share it; an NCCL communicator
-    is costly to set up), unless it has failed (timed out), in which case a call raises :class:`DistributedError`.
+    is costly to set up); one that timed out stays broken (its collectives raise :class:`DistributedError`).
     """
     if isinstance(spec, Communicator):
         if options:

@@ -2,6 +2,8 @@
 
     mpiexec -n 2 python fit_equivalence.py OUT.npz        # data-parallel
     python fit_equivalence.py OUT.npz --plain              # the reference: distributed=None
+    mpiexec -n 2 python fit_equivalence.py OUT.npz --cuda  # case 1 on CuPy too (a GPU machine; not yet run)
+    mpiexec -n 2 python fit_equivalence.py OUT.npz --cuda --nccl   # ... reduced by NCCL (one GPU per rank)
 
 Each case trains a float64 model (Adam, shuffling) through the public fit()/evaluate() and rank 0 writes the final
 weights and every logged value to OUT.npz; the test compares the two files. The cases cover short last batches
@@ -30,6 +32,10 @@ if importlib.util.find_spec("torch") is not None:
     BACKENDS["torch"] = dict(device="cpu", backend="torch")
 if importlib.util.find_spec("array_api_strict") is not None:
     BACKENDS["array_api_strict-device1"] = dict(device="device1", backend="array_api_strict")
+NCCL = None
+if "--cuda" in sys.argv:  # CuPy, all ranks on GPU 0 over MPI (staged through the host), or one GPU per rank (NCCL)
+    NCCL = None if PLAIN or "--nccl" not in sys.argv else distributed.get_communicator("nccl", timeout=120)
+    BACKENDS["cupy"] = dict(device="cuda" if NCCL is None else f"cuda:{NCCL.device}")
 
 
 def model_for(layers, loss, metrics, where=None, seed=0):
@@ -68,7 +74,7 @@ x_val, y_val = rng.normal(size=(13, 4)), rng.integers(0, 3, size=13)
 for backend, where in BACKENDS.items():
     model = classifier(where)
     history = model.fit(x, y, epochs=3, batch_size=8, validation_data=(x_val, y_val), verbose=2 if backend == "numpy"
-                        else 0, distributed=DIST)
+                        else 0, distributed=NCCL if backend == "cupy" and NCCL else DIST)
     record(f"validation/{backend}", model, history)
 
 # 2. a last batch of one row (41 % 8 = 1: rank 1 has none), sample weights, regression with a metric
