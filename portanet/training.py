@@ -59,10 +59,10 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
 
     ``distributed``: None (one process), "mpi", "nccl" or a :class:`~portanet.distributed.Communicator`: data-parallel
     training over the processes of an ``mpiexec`` job (started as one process, it is plain training). Every rank
-    passes the same arguments and the whole data set; rank 0's initial weights and generators are copied to all;
-    each global batch of ``batch_size`` rows (the one-process batches and shuffle) is split over the ranks, and the
-    gradients are summed once per step, so the weights are those of one process. Logs are over all ranks; rank 0
-    alone shows progress and writes checkpoints. Ranks that disagree about the model, the data's shapes or the
+    passes the same arguments (callbacks may differ; rank 0's ``verbose`` applies) and the whole data set; rank 0's
+    initial weights and generators are copied to all; each global batch of ``batch_size`` rows (the one-process
+    batches and shuffle) is split over the ranks, and the gradients are summed once per step, so the weights are
+    those of one process. Logs are over all ranks; rank 0 alone shows progress and writes checkpoints. Ranks that disagree about the model, the data's shapes or the
     arguments raise :class:`~portanet.distributed.RankMismatchError` before training; parameters that differ after
     an epoch raise it too; a rank that fails or stops makes the others raise DistributedError (or ends the job)
     within the communicator's timeout. Ctrl-C is not deferred (it ends the job).
@@ -102,8 +102,9 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
         _running.add(model)
     try:
         if comm is not None:
-            _agree(comm, model, train, val, checkpoint,
-                   [epochs, batch_size, bool(shuffle), fraction, class_table, verbose, log_every])
+            _agree(comm, model, train, val, checkpoint, [epochs, batch_size, bool(shuffle), fraction, class_table,
+                                                         log_every])
+            verbose = comm.broadcast_object(verbose)  # rank 0's: it decides when the running loss is read
         # -- from here on the model changes
         model.build(train.width)
         replicas = None if comm is None else _Replicas(comm, model).replicate()
@@ -579,7 +580,7 @@ def _agree(comm, model, train, val, checkpoint, arguments):
                                  "block size)")
     comm.agree(_shape_of(val), "the validation data")
     comm.agree(arguments, "the arguments of fit() (epochs, batch_size, shuffle, validation_split, class_weight, "
-                          "verbose, log_every)")
+                          "log_every)")
     comm.agree(None if checkpoint is None else (checkpoint.epoch, checkpoint.step), "the checkpoint (epoch, step)")
 
 

@@ -73,15 +73,17 @@ x_val, y_val = rng.normal(size=(13, 4)), rng.integers(0, 3, size=13)
 # 1. short last batch split 3 + 2, validation data, metrics, on every CPU backend; verbose=2 on numpy
 for backend, where in BACKENDS.items():
     model = classifier(where)
-    history = model.fit(x, y, epochs=3, batch_size=8, validation_data=(x_val, y_val), verbose=2 if backend == "numpy"
-                        else 0, distributed=NCCL if backend == "cupy" and NCCL else DIST)
+    verbose = 2 if backend == "numpy" and comm.rank == 0 else 0  # rank 0's verbose applies (the others print nothing)
+    history = model.fit(x, y, epochs=3, batch_size=8, validation_data=(x_val, y_val), verbose=verbose,
+                        distributed=NCCL if backend == "cupy" and NCCL else DIST)
     record(f"validation/{backend}", model, history)
 
 # 2. a last batch of one row (41 % 8 = 1: rank 1 has none), sample weights, regression with a metric
 xr, yr = rng.normal(size=(41, 3)), rng.normal(size=(41, 2))
 wr = rng.uniform(0.5, 2.0, size=41)
 model = model_for([pn.Dense(5, activation="relu"), pn.Dense(2)], "mse", ["mae"])
-history = model.fit(xr, yr, sample_weight=wr, epochs=3, batch_size=8, verbose=0, distributed=DIST)
+history = model.fit(xr, yr, sample_weight=wr, epochs=3, batch_size=8, verbose=1 if comm.rank == 0 else 0,
+                    distributed=DIST)  # a progress bar on rank 0: the running loss read (and reduced) every step
 record("one_row_last", model, history)
 
 # 3. odd global batch 7 = 4 + 3, class weights, stratified validation_split
