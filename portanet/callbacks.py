@@ -28,7 +28,8 @@ class Callback(Owned):
 
     ``self.model`` is set before ``on_train_begin``, and ``self.params`` (a dict: ``epochs``, ``steps``,
     ``verbose``, ``fit`` (the training configuration), ``history`` (the run's History), ``callbacks`` (all callbacks
-    of the run)). ``logs`` are dicts of floats; ``on_batch_end`` receives the batch loss as a 0-d device array
+    of the run), ``rank`` and ``ranks`` (this process and the number of processes: 0 and 1 but in data-parallel
+    training)). ``logs`` are dicts of floats; ``on_batch_end`` receives the batch loss as a 0-d device array
     (reading it with ``float()`` syncs the device). Setting ``self.model.stop_training = True`` ends training after
     the current epoch. A callback with state that should survive ``fit(resume_from=...)`` returns it from
     ``state_dict()`` (JSON-able values, or a weights snapshot from ``model.snapshot()``) and takes it back in
@@ -36,6 +37,9 @@ class Callback(Owned):
     read from a checkpoint can be loaded. ``check_logs(keys)`` raises when the callback would read
     a log key the run will never log, so ``fit`` rejects it before training starts. A callback serves one model at
     a time (a second live model raises).
+
+    In data-parallel training every rank runs every callback with the same logs, so their decisions agree; only rank
+    0 shows progress and writes checkpoints: a callback that prints or writes files checks ``self.params["rank"]``.
     """
 
     model = None
@@ -263,6 +267,8 @@ class ModelCheckpoint(Callback):
     It decides in ``on_epoch_end``, after the user's callbacks and History (so ``monitor`` may be a key another
     callback adds), and writes in ``on_epoch_complete``, after every callback's ``on_epoch_end``: the file holds every
     callback's state at the end of the epoch (other checkpoints' best values included) whatever the list's order.
+    In data-parallel training rank 0 alone writes (the other ranks hold the same state); to resume, every rank must
+    be able to read the file.
     """
 
     _order = 2
@@ -311,7 +317,8 @@ class ModelCheckpoint(Callback):
 
     def on_epoch_complete(self, epoch, logs=None):
         if self._pending is not None:
-            _io.save_checkpoint(self.model, self._pending, epoch + 1, self.params)
+            if _root(self):  # data-parallel training: the other ranks hold the same state
+                _io.save_checkpoint(self.model, self._pending, epoch + 1, self.params)
             self.last_path, self._pending = self._pending, None
 
     def state_dict(self):
@@ -323,6 +330,11 @@ class ModelCheckpoint(Callback):
     def load_state_dict(self, state):
         self.check_state_dict(state)
         self._monitor.load(state)
+
+
+def _root(callback) -> bool:
+    """True unless this process is a rank other than 0 in data-parallel training (only rank 0 prints and writes)."""
+    return callback.params.get("rank", 0) == 0
 
 
 def _learning_rate(owner, value) -> float:
@@ -345,7 +357,7 @@ class LearningRateScheduler(Callback):
         optimizer = self.model.optimizer
         lr = _learning_rate(f"LearningRateScheduler schedule({epoch}, {optimizer.lr})",
                             self.schedule(epoch, optimizer.lr))
-        if self.verbose and lr != optimizer.lr:
+        if self.verbose and lr != optimizer.lr and _root(self):
             print(f"epoch {epoch + 1}: LearningRateScheduler sets the learning rate to {lr:.4g}", flush=True)
         optimizer.lr = lr
 
@@ -391,7 +403,7 @@ class ReduceLROnPlateau(Callback):
                 self.cooldown_left, self.wait = self.cooldown, 0
                 if optimizer.lr > self.min_lr:
                     optimizer.lr = max(optimizer.lr * self.factor, self.min_lr)
-                    if self.verbose:
+                    if self.verbose and _root(self):
                         print(f"epoch {epoch + 1}: ReduceLROnPlateau lowers the learning rate to {optimizer.lr:.4g}",
                               flush=True)
 

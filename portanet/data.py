@@ -138,15 +138,11 @@ class _RowsAdapter(_Adapter):
     def arrays(self):
         return self.x, self.y, self.sample_weight
 
-    def _batches_of(self, blocks, batch_size, drop_last):
-        """Cut ``(block arrays, order)`` pairs into batches: slices (views) in order, gathered rows when shuffled."""
-        for arrays, order in blocks:
-            size = arrays[0].shape[0]
-            for b in range(0, size, batch_size):
-                end = min(b + batch_size, size)  # the array API has no out-of-range slices
-                if drop_last and end - b < batch_size:
-                    break
-                pick = slice(b, end) if order is None else order[b:end]
+    @staticmethod
+    def _batches_of(blocks):
+        """Cut ``(block arrays, picks)`` pairs into batches: slices (views) in order, gathered rows otherwise."""
+        for arrays, picks in blocks:
+            for pick in picks:
                 yield tuple(None if a is None else _pick(a, pick) for a in arrays)
 
 
@@ -157,9 +153,9 @@ class ArrayAdapter(_RowsAdapter):
     def first_targets(self):
         return self.y
 
-    def parts(self, batch_size, shuffle=False, rng=None, drop_last=False):
+    def parts(self, batch_size, shuffle=False, rng=None, drop_last=False, part=None):
         order = host_rng(rng).permutation(self.n) if shuffle else None
-        return self._batches_of([(self.arrays, order)], batch_size, drop_last)
+        return self._batches_of([(self.arrays, _picks(self.n, batch_size, order, drop_last, part))])
 
     def nonfinite(self):
         """``(name, first bad row)`` of the first float array holding NaN or inf, else None (one read per array)."""
@@ -200,11 +196,11 @@ class SliceableAdapter(_RowsAdapter):
         y = self.y
         return None if y is None else y if in_memory(y) or isinstance(y, np.memmap) else self._read(y, 1, 0, min(self.n, 1024))
 
-    def parts(self, batch_size, shuffle=False, rng=None, drop_last=False):
+    def parts(self, batch_size, shuffle=False, rng=None, drop_last=False, part=None):
         block = max(batch_size, self.block_size // batch_size * batch_size)
-        return self._batches_of(self._blocks(block, shuffle, host_rng(rng)), batch_size, drop_last)
+        return self._batches_of(self._blocks(block, shuffle, host_rng(rng), batch_size, drop_last, part))
 
-    def _blocks(self, block, shuffle, rng):
+    def _blocks(self, block, shuffle, rng, batch_size, drop_last, part):
         starts = range(0, self.n, block)
         if shuffle and len(starts) > 1:
             starts = [starts[i] for i in rng.permutation(len(starts))]
@@ -216,19 +212,34 @@ class SliceableAdapter(_RowsAdapter):
                     _read_ahead(a, start, stop)
                 if k + 1 < len(starts):
                     _read_ahead(a, starts[k + 1], min(starts[k + 1] + block, self.n))
-            arrays = tuple(None if a is None else self._read(a, i, start, stop, gathered=shuffle)
+            picks = _picks(stop - start, batch_size, rng.permutation(stop - start) if shuffle else None, drop_last,
+                           part)
+            rows = None
+            if part is not None:  # read this process's rows of the block only; picks become positions among them
+                rows = np.unique(np.concatenate([_positions(p) for p in picks] or [np.zeros(0, np.int64)]))
+                picks = [np.searchsorted(rows, _positions(p)) for p in picks]
+            arrays = tuple(None if a is None else self._read(a, i, start, stop, gathered=shuffle, rows=rows)
                            for i, a in enumerate(self.arrays))
-            yield arrays, (rng.permutation(stop - start) if shuffle else None)
+            yield arrays, picks
 
-    def _read(self, a, index, start, stop, gathered=False):
-        """Rows ``start:stop`` of ``a``: a view when in memory, one contiguous read otherwise.
+    def _read(self, a, index, start, stop, gathered=False, rows=None):
+        """Rows ``start:stop`` of ``a``: a view when in memory, one contiguous read otherwise; or, given ``rows``
+        (sorted positions in the block), just those rows.
 
         A memory map gives a view of its pages, or (``gathered``: rows will be picked in shuffled order) a copy, so
         the file is read sequentially once instead of page by page at random; h5py or zarr read the slice either way.
+        With ``rows``, a memory map copies those rows only; other sliceables read the contiguous range spanning them.
         """
         if in_memory(a):
+            if rows is not None:
+                return take_rows(a, rows + start)
             return a if (start, stop) == (0, a.shape[0]) else a[(slice(start, stop),) + (slice(None),) * (len(a.shape) - 1)]
         try:
+            if rows is not None and isinstance(a, np.memmap):
+                return np.asarray(a[rows + start])
+            if rows is not None:
+                first, last = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+                return np.asarray(a[start + first:start + last])[rows - first]
             block = np.asarray(a[start:stop])
         except Exception as exc:  # noqa: BLE001 - any failure of the source is a data error, named as one
             name = _field(self.prefix, ("x", "y", "sample_weight")[index])
@@ -268,9 +279,10 @@ class StreamAdapter(_Adapter):
     def steps(self, batch_size=None, drop_last=False) -> int:
         return self.n_steps
 
-    def parts(self, batch_size=None, shuffle=False, rng=None, drop_last=False):
+    def parts(self, batch_size=None, shuffle=False, rng=None, drop_last=False, part=None):
         """Yield this epoch's ``steps`` checked batches (arrays in memory: host or device, as the source made them;
-        anything else, an h5py dataset say, read into a NumPy array here)."""
+        anything else, an h5py dataset say, read into a NumPy array here); ``part`` is ignored: a stream is taken to
+        be this process's share already."""
         it = self._iterator()
         for i in range(self.n_steps):
             if self._pending is not None:
@@ -370,14 +382,19 @@ class Batches:
     ``shuffle``: a full permutation per pass for in-memory arrays; for memory maps and sliceables a block shuffle
     (contiguous blocks of ``block_size`` rows, about 32 MB by default, in shuffled order, rows shuffled within a
     block) so reads stay sequential. Both come from the host generator ``rng`` (a seed or Generator). Streams are
-    not shuffled. ``y_dtype``: "float" (model dtype) or "int" (int64 class labels). ``prefetch``: None or True
+    not shuffled. ``part``: None, or a function ``part(rows) -> (start, stop)`` choosing this process's share of
+    each batch of ``rows`` rows (data-parallel training: ``lambda rows: distributed.split_rows(rows, rank, size)``);
+    the batches and the shuffle stay those of one process, each yields only that share (possibly no rows), and a
+    memory map's share is all that is copied from it; ``batch_rows`` receives each batch's full number of rows, in
+    batch order (pop one per batch: the weight of a share is its rows over those). Streams are taken as they are.
+    ``y_dtype``: "float" (model dtype) or "int" (int64 class labels). ``prefetch``: None or True
     overlaps uploads with compute on CUDA, False turns it off; other devices ignore it. ``check_targets``:
     called as ``check_targets(y, name, values=...)`` on every host ``y`` batch that was not checked up front.
     """
 
     def __init__(self, x, y=None, sample_weight=None, *, batch_size=32, shuffle=False, rng=None,
                  device="cpu", dtype="float32", y_dtype="float", drop_last=False, steps_per_epoch=None,
-                 block_size=None, prefetch=None, check_targets=None):
+                 block_size=None, prefetch=None, check_targets=None, part=None):
         self.batch_size = positive_int(batch_size, "batch_size")
         if block_size is not None:
             positive_int(block_size, "block_size")
@@ -390,6 +407,8 @@ class Batches:
         self.drop_last = drop_last
         self.prefetch = prefetch
         self.check_targets = check_targets
+        self.part = part
+        self.batch_rows = collections.deque()  # with part: rows of each batch cut so far and not yet popped
 
     @property
     def stream(self) -> bool:
@@ -406,7 +425,15 @@ class Batches:
 
     def _slices(self):
         """Host-side (or source-side) batches of one pass, not yet on the device."""
-        return self.source.parts(self.batch_size, self.shuffle, self.rng, self.drop_last)
+        part = self.part
+        if part is not None:
+            self.batch_rows.clear()
+
+            def part(rows, share=self.part):  # called once per batch, in batch order, when the batch is cut
+                self.batch_rows.append(rows)
+                return share(rows)
+
+        return self.source.parts(self.batch_size, self.shuffle, self.rng, self.drop_last, part)
 
     def __iter__(self):
         parts = self._slices()
@@ -453,6 +480,24 @@ def _read_ahead(a, start, stop):
         os.posix_fadvise(fd, offset, (stop - start) * row_bytes, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
+
+
+def _picks(rows, batch_size, order, drop_last, part) -> list:
+    """Each batch of a block of ``rows`` rows as a slice (``order`` None: in order) or host int array of positions;
+    with ``part``, only ``part(batch rows) -> (start, stop)`` of each batch."""
+    picks = []
+    for b in range(0, rows, batch_size):
+        end = min(b + batch_size, rows)  # the array API has no out-of-range slices
+        if drop_last and end - b < batch_size:
+            break
+        if part is not None:
+            b, end = (b + i for i in part(end - b))
+        picks.append(slice(b, end) if order is None else order[b:end])
+    return picks
+
+
+def _positions(pick) -> np.ndarray:
+    return np.arange(pick.start, pick.stop, dtype=np.int64) if isinstance(pick, slice) else pick
 
 
 def _pick(block, pick):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import pickle
 import sys
@@ -33,8 +34,8 @@ import array_api_compat
 import numpy as np
 
 __all__ = ["Communicator", "LocalCommunicator", "MPICommunicator", "NCCLCommunicator", "DistributedError",
-           "RankMismatchError", "get_communicator", "Shard", "shard_batches", "split_rows", "shard_iterable",
-           "DEFAULT_TIMEOUT", "TIMEOUT_ENV"]
+           "RankMismatchError", "get_communicator", "derive_seed", "Shard", "shard_batches", "split_rows",
+           "shard_iterable", "DEFAULT_TIMEOUT", "TIMEOUT_ENV"]
 
 DEFAULT_TIMEOUT = 300.0
 TIMEOUT_ENV = "PORTANET_DIST_TIMEOUT"
@@ -640,12 +641,17 @@ class NCCLCommunicator(Communicator):
         self._mpi.close()
 
 
+_SHARED: dict = {}  # ("mpi" | "nccl", options) -> the communicator made for them (one per process)
+
+
 def get_communicator(spec=None, **options) -> Communicator:
     """The communicator ``fit(distributed=spec)`` uses.
 
     ``spec``: None or "local" (one process), "mpi" (:class:`MPICommunicator`; size 1 when started without
     ``mpiexec``), "nccl" (:class:`NCCLCommunicator`), or a :class:`Communicator`, returned as it is.
-    ``options`` go to the constructor (``timeout=``, ...).
+    ``options`` go to the constructor (``timeout=``, ...). "mpi" and "nccl" make one communicator per process for
+    each set of options and return it again on later calls (``fit`` and ``evaluate`` share it; an NCCL communicator
+    is costly to set up); one that timed out stays broken (its collectives raise :class:`DistributedError`).
     """
     if isinstance(spec, Communicator):
         if options:
@@ -654,11 +660,27 @@ def get_communicator(spec=None, **options) -> Communicator:
     name = spec.lower() if isinstance(spec, str) else spec
     if name is None or name == "local":
         return LocalCommunicator(**options)
-    if name == "mpi":
-        return MPICommunicator(**options)
-    if name == "nccl":
-        return NCCLCommunicator(**options)
-    raise ValueError(f"distributed must be None, 'local', 'mpi', 'nccl' or a Communicator, got {spec!r}")
+    if name not in ("mpi", "nccl"):
+        raise ValueError(f"distributed must be None, 'local', 'mpi', 'nccl' or a Communicator, got {spec!r}")
+    try:
+        key = (name, tuple(sorted(options.items())))
+        hash(key)
+    except TypeError:  # an unhashable option (an MPI communicator object may be): a new communicator each time
+        key = None
+    if key not in _SHARED:
+        comm = MPICommunicator(**options) if name == "mpi" else NCCLCommunicator(**options)
+        if key is None:
+            return comm
+        _SHARED[key] = comm
+    return _SHARED[key]
+
+
+def derive_seed(*keys) -> int:
+    """A seed in ``[0, 2**62)`` from ``keys`` (ints, strings, JSON-able values such as a generator's state), the same
+    on every rank and in every run: ``derive_seed(base, epoch, rank)`` gives each rank its own dropout stream per
+    epoch, reproducible from ``base``. BLAKE2 of the keys' JSON."""
+    text = json.dumps(keys, sort_keys=True, default=repr, separators=(",", ":"))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
 
 
 # -- sharding: host index math ------------------------------------------------------------------------------------

@@ -480,6 +480,13 @@ class Model:
         if self._random is not None and state.get("dropout") is not None:
             self._random.set_state(state["dropout"])
 
+    def seed_dropout(self, seed: int) -> None:
+        """Restart the dropout generator from ``seed`` on every backend (data-parallel training gives each rank its
+        own masks, reproducibly); the host generator is left as it is."""
+        self._require_built("seed_dropout()")
+        self._random_seed = int(seed)
+        self._install(self._params, self._device.random_source(self._random_seed))
+
     # -- placement -------------------------------------------------------------------------
     def to(self, device=None, backend=None) -> "Model":
         """Move parameters, gradients, state, optimizer state and the dropout generator to another device or

@@ -4,10 +4,13 @@ the device, the NaN guard, resume, class weights, validation split, callback dis
 Works through the model's documented interface (``compute_gradients``, ``apply_gradients``, ``test_step``,
 ``snapshot``/``restore``, ``build``, ``check_input_dim``, ``check_targets``, ``random_state``) and never imports
 :mod:`portanet.model`. Every argument is checked before the model changes or a random number is drawn.
+Data-parallel training (``distributed=``) adds a few hooks: this rank's rows of each batch (:class:`data.Batches`
+``part``), :class:`_Replicas` around the step and at epoch ends, totals and guard flags reduced over ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import threading
@@ -18,8 +21,9 @@ import array_api_compat
 from . import checks as _checks
 from . import _interrupts
 from . import data as _data
+from . import distributed as _distributed
 from . import io as _io
-from .backends import is_host_data, to_numpy
+from .backends import dtype_name, is_host_data, to_numpy
 from .callbacks import CallbackList, History, check_callbacks
 
 __all__ = ["fit", "evaluate", "check_not_training"]
@@ -30,7 +34,7 @@ _running_lock = threading.Lock()
 
 def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_data=None, validation_split=0.0,
         sample_weight=None, class_weight=None, callbacks=None, verbose=1, steps_per_epoch=None, log_every=None,
-        resume_from=None) -> History:
+        resume_from=None, distributed=None) -> History:
     """Train ``model`` for ``epochs`` passes over (x, y); returns a :class:`~portanet.History` of per-epoch logs.
 
     x: (samples, features); y: (samples, outputs), or (samples,) labels/targets; arrays of any library and
@@ -60,6 +64,16 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
     RuntimeError.
     Data the model will likely learn badly from (unscaled inputs, targets the output cannot reach, labels sorted by
     class without shuffling) gives a :class:`~portanet.checks.SetupWarning` with the fix.
+
+    ``distributed``: None (one process), "mpi", "nccl" or a :class:`~portanet.distributed.Communicator`: data-parallel
+    training over the processes of an ``mpiexec`` job (started as one process, it is plain training). Every rank
+    passes the same arguments (callbacks may differ; rank 0's ``verbose`` applies) and the whole data set; rank 0's
+    initial weights and generators are copied to all; each global batch of ``batch_size`` rows (the one-process
+    batches and shuffle) is split over the ranks, and the gradients are summed once per step, so the weights are
+    those of one process. Logs are over all ranks; rank 0 alone shows progress and writes checkpoints.
+    Ranks that disagree about the model, the data's shapes or the arguments raise :class:`~portanet.distributed.RankMismatchError` before training; parameters that differ after
+    an epoch raise it too; a rank that fails or stops makes the others raise DistributedError (or ends the job)
+    within the communicator's timeout. Ctrl-C is not deferred (it ends the job).
     """
     # -- check everything; nothing changes and nothing is drawn until the model is built below
     _require_compiled(model, "fit()")
@@ -97,16 +111,22 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
                          "load_weights?); fit() never trains from them: load or set finite weights first")
     checkpoint = None if resume_from is None else _io.read_checkpoint(resume_from, model, train.width,
                                                                        user_callbacks)
+    comm = _communicator(distributed, model)
     with _running_lock:
         if model in _running:
             raise RuntimeError("fit() is already running on this model (in another thread); one fit at a time")
         _running[model] = threading.get_ident()
     try:
-        # -- from here on the model changes; a first Ctrl-C waits until the current step is whole
-        with _interrupts.deferred() as interrupted:
+        if comm is not None:
+            _agree(comm, model, train, val, checkpoint, [epochs, batch_size, bool(shuffle), fraction, class_table,
+                                                         log_every])
+            verbose = comm.broadcast_object(verbose)  # rank 0's: it decides when the running loss is read
+        # -- from here on the model changes; in one process, a first Ctrl-C waits until the current step is whole
+        with _interrupts.deferred() if comm is None else contextlib.nullcontext(lambda: False) as interrupted:
             model.build(train.width)
+            replicas = None if comm is None else _Replicas(comm, model).replicate()
             return _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table, user_callbacks,
-                          verbose, log_every, checkpoint, interrupted)
+                          verbose, log_every, checkpoint, interrupted, replicas)
     finally:
         _running.pop(model, None)
 
@@ -121,12 +141,13 @@ def check_not_training(model, what: str) -> None:
 
 
 def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table, user_callbacks, verbose, log_every,
-           checkpoint, interrupted):
+           checkpoint, interrupted, replicas=None):
     split_seed = None
     if fraction:
         split_seed = checkpoint.fit.get("split_seed") if checkpoint else int(model.rng.integers(2**63))
         train, val = _split_validation(model, train, fraction, split_seed)
-    batches = _batches(model, train, batch_size, shuffle)
+    comm = None if replicas is None else replicas.comm
+    batches = _batches(model, train, batch_size, shuffle, comm)
     if class_table is not None:
         class_table = model.device.from_host(class_table, model.dtype)
     config = {"epochs": epochs, "batch_size": batch_size, "shuffle": bool(shuffle), "validation_split": fraction,
@@ -134,7 +155,9 @@ def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table
     if checkpoint is not None:
         _warn_if_changed(checkpoint, config)
     history = History()
-    params = {"epochs": epochs, "steps": len(batches), "verbose": verbose, "fit": config, "history": history}
+    rank, ranks = (0, 1) if comm is None else (comm.rank, comm.size)
+    params = {"epochs": epochs, "steps": len(batches), "verbose": 0 if rank else verbose, "fit": config,
+              "history": history, "rank": rank, "ranks": ranks}
     cbs = CallbackList([history, *user_callbacks], model, params)
     every = log_every or (max(1, len(batches) // 20) if verbose == 1 else None)
     rollback = model.snapshot(training=True) if train.reads_lazily or (val is not None and val.reads_lazily) else None
@@ -148,21 +171,29 @@ def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table
         if checkpoint.epoch >= epochs:
             _checks.warn(f"{checkpoint.path} has already trained {checkpoint.epoch} epochs and fit() was asked for "
                          f"{epochs} in all: nothing left to train (raise epochs to continue)", UserWarning)
-    guard = _Guard(model, check_batches=train.reads_lazily, source=train)
+    if replicas is not None:
+        replicas.resume(config, checkpoint)
+    guard = _Guard(model, check_batches=train.reads_lazily, source=train, deferred=replicas is not None)
     try:
         for epoch in range(checkpoint.epoch if checkpoint else 0, epochs):
+            if replicas is not None:
+                replicas.begin_epoch(epoch, batches)
             cbs.on_epoch_begin(epoch)
             try:
-                logs = _run_epoch(model, batches, cbs, epoch, guard, every, class_table, interrupted)
+                logs = _run_epoch(model, batches, cbs, epoch, guard, every, class_table, interrupted, replicas)
             except _NonFinite as bad:
                 _stop_on_nonfinite(model, bad, guard, cbs, len(batches))
                 break
+            if replicas is not None:
+                replicas.end_epoch(epoch)
             if val is not None:
-                val_logs = _evaluate(model, val, max(batch_size, 1024))
+                val_logs = _evaluate(model, val, max(batch_size, 1024), comm)
                 logs.update({f"val_{k}": v for k, v in val_logs.items()})
             logs["lr"] = _last_learning_rate(model.optimizer)
             cbs.on_epoch_end(epoch, logs)
             cbs.on_epoch_complete(epoch, logs)
+            if replicas is not None:  # also waits for rank 0's checkpoint to be written
+                model.stop_training = replicas.any(model.stop_training)
             if model.stop_training:
                 break
             if interrupted():
@@ -176,21 +207,32 @@ def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table
         guard.keep_finite()
         raise
     cbs.on_train_end()
+    if comm is not None:
+        comm.barrier()  # every rank returns once rank 0's files are written
     return history
 
 
-def evaluate(model, x, y=None, *, batch_size=1024, sample_weight=None, steps=None) -> dict:
+def evaluate(model, x, y=None, *, batch_size=1024, sample_weight=None, steps=None, distributed=None) -> dict:
     """Mean loss and metrics over (x, y) as ``{"loss": float, "accuracy": float, ...}``; nothing changes.
 
     Takes what ``fit`` takes; ``steps``: batches to read from an iterable of batches without a length. Metrics are
     computed on exactly what ``predict`` returns; lazily read batches holding NaN or inf raise StreamError.
+    ``distributed``: as in ``fit``: each rank evaluates its share of each batch, and every rank returns the values
+    over all the data (the parameters must be the same on every rank: RankMismatchError otherwise).
     """
     _require_compiled(model, "evaluate()")
     _data.positive_int(batch_size, "batch_size")
     source = _data.adapt(x, y, sample_weight, steps=steps, targets=True)
     _check_model_fits(model, source)
+    comm = _communicator(distributed, model)
+    if comm is not None:
+        comm.agree(_model_config(model), "the model (layers, loss, optimizer, metrics)")
+        comm.agree((_shape_of(source), batch_size), "the data of evaluate() (kind, rows, features, y shape and dtype, "
+                                                    "sample weights, steps) and its batch_size")
     model.build(source.width)
-    return _evaluate(model, source, batch_size)
+    if comm is not None:
+        comm.check_identical(model.parameter_buffer.values, "the parameters in evaluate()")
+    return _evaluate(model, source, batch_size, comm)
 
 
 # -- checks (no side effects) -------------------------------------------------------------------------------------
@@ -277,10 +319,13 @@ def _warn_if_changed(checkpoint, config):
 
 
 # -- the loops --------------------------------------------------------------------------------------------------
-def _batches(model, source, batch_size, shuffle=False):
+def _batches(model, source, batch_size, shuffle=False, comm=None):
+    """Device batches of ``source``; with ``comm``, this rank's rows of each (global) batch."""
+    part = None if comm is None else (lambda rows: _distributed.split_rows(rows, comm.rank, comm.size))
     return _data.Batches(source, batch_size=batch_size, shuffle=shuffle, rng=model.rng, device=model.device,
                          dtype=model.dtype, y_dtype=model.loss.target_kind(),
-                         check_targets=lambda y, name="y", values=True: model.check_targets(y, None, name, values))
+                         check_targets=lambda y, name="y", values=True: model.check_targets(y, None, name, values),
+                         part=part)
 
 
 def _split_validation(model, source, fraction, seed):
@@ -299,16 +344,19 @@ def _split_labels(model, source):
     return to_numpy(model.loss.class_labels(y, width, array_api_compat.array_namespace(y)))
 
 
-def _run_epoch(model, batches, cbs, epoch, guard, log_every, class_table, interrupted) -> dict:
+def _run_epoch(model, batches, cbs, epoch, guard, log_every, class_table, interrupted, replicas=None) -> dict:
     """One pass; loss and metric sums stay on the device, read at the end (and every ``log_every`` steps)."""
-    totals = _Totals(model, guard)
+    totals = _Totals(model, guard, None if replicas is None else replicas.comm)
     xp, table = model.xp, class_table
     for step, (xb, yb, wb) in enumerate(batches):
         if table is not None:
             w = xp.take(table, model.loss.class_labels(yb, model.output_dim, xp), axis=0)
             wb = w if wb is None else wb * w
         guard.check_batch(xb, yb, wb, epoch, step)
-        loss, out = model.compute_gradients(xb, yb, wb)
+        if replicas is None:
+            loss, out = model.compute_gradients(xb, yb, wb)
+        else:  # this rank's rows of the global batch; the gradient summed over ranks
+            loss, out = replicas.compute_gradients(xb, yb, wb)
         guard.check_loss(loss, epoch, step)
         model.apply_gradients()
         totals.add(loss, out, yb)
@@ -329,25 +377,31 @@ def _last_learning_rate(optimizer) -> float:
     return optimizer.learning_rate if rate is None else rate
 
 
-def _evaluate(model, source, batch_size) -> dict:
-    totals = _Totals(model, _Guard(model, check_batches=source.reads_lazily, training=False, source=source))
-    for step, (xb, yb, wb) in enumerate(_batches(model, source, batch_size)):
+def _evaluate(model, source, batch_size, comm=None) -> dict:
+    totals = _Totals(model, _Guard(model, check_batches=source.reads_lazily, training=False, source=source,
+                                   deferred=comm is not None), comm)
+    for step, (xb, yb, wb) in enumerate(_batches(model, source, batch_size, comm=comm)):
         totals.guard.check_batch(xb, yb, wb, 0, step)
-        loss, out = model.test_step(xb, yb, wb)
-        totals.add(loss, out, yb)
+        if xb.shape[0]:  # a rank's share of a short last batch may be empty
+            loss, out = model.test_step(xb, yb, wb)
+            totals.add(loss, out, yb)
     return totals.logs()
 
 
 # -- totals and the NaN guard -------------------------------------------------------------------------------------
 class _Totals:
     """Sums of the batch losses (times batch size) and metric sums, kept on the device until :meth:`logs` reads them
-    once, together with the guard's flags."""
+    once, together with the guard's flags; with ``comm``, summed over ranks (flags: their worst value) there."""
 
-    def __init__(self, model, guard):
-        self.xp, self.metrics, self.guard = model.xp, model.metrics, guard
+    def __init__(self, model, guard, comm=None):
+        self.xp, self.metrics, self.guard, self.comm = model.xp, model.metrics, guard, comm
+        self.device, self.dtype = model.device, model.dtype
         self.loss, self.sums, self.n = None, [None] * len(model.metrics), 0
 
     def add(self, loss, out, y):
+        """Add a batch: its mean ``loss`` (0-d) and outputs; ``out`` None: a rank's empty share of a batch."""
+        if out is None:
+            return
         nb = out.shape[0]
         self.loss = loss * nb if self.loss is None else self.loss + loss * nb
         for i, metric in enumerate(self.metrics):
@@ -356,14 +410,22 @@ class _Totals:
         self.n += nb
 
     def logs(self) -> dict:
-        """Means so far, read back from the device in one transfer (the guard's flags ride along)."""
-        xp, dtype = self.xp, self.loss.dtype
+        """Means so far, read back from the device in one transfer (the guard's flags ride along).
+
+        Data-parallel: one sum over ranks of the sums and counts, one minimum of the flags, so every rank logs the
+        same values and the guard decides the same way everywhere."""
+        xp, n = self.xp, self.n
+        sums = [self.device.zeros((), self.dtype) if s is None else s for s in (self.loss, *self.sums)]  # None: no rows
         flags = self.guard.flags()
-        values = to_numpy(xp.stack([xp.astype(s, dtype) for s in (self.loss, *self.sums, *flags)]))
+        values = to_numpy(xp.stack([xp.astype(s, sums[0].dtype) for s in (*sums, *flags)]))
+        if self.comm is not None:
+            k = len(sums)
+            *totals, n = self.comm.allreduce_host([*values[:k].tolist(), n])
+            values = [*totals, *(self.comm.allreduce_host(values[k:], "min") if flags else [])]
         if flags:
             self.guard.verify([float(v) for v in values[-len(flags):]])
             values = values[:-len(flags)]
-        return {name: float(s) / self.n for name, s in zip(["loss", *(m.name for m in self.metrics)], values)}
+        return {name: float(s) / n for name, s in zip(["loss", *(m.name for m in self.metrics)], values)}
 
 
 class _NonFinite(Exception):
@@ -384,12 +446,14 @@ class _Guard:
     of the running loss (:class:`_Totals`), together with a check that the weights are finite. Each read that finds
     everything finite takes a snapshot (on the host only at epoch ends, as a fallback for an update that
     overflowed); a failure puts the last snapshot back. ``training=False`` (evaluation) checks batches only.
+    ``deferred``: track on the device even in host memory (data-parallel training: the flags are reduced over ranks
+    with the totals, so every rank stops at the same step).
     """
 
-    def __init__(self, model, check_batches, training=True, source=None):
+    def __init__(self, model, check_batches, training=True, source=None, deferred=False):
         self.model, self.check_batches, self.training = model, check_batches, training
         self.names = _field_names(source)
-        self.host = model.device.host_memory
+        self.host = model.device.host_memory and not deferred
         self.saved = None
         self.passed(0, 0)
 
@@ -535,3 +599,124 @@ def _stop_on_nonfinite(model, bad, guard, cbs, steps):
     if not model.stop_training:
         raise FloatingPointError(message)
     _checks.warn(message, RuntimeWarning)
+
+
+# -- data-parallel training ---------------------------------------------------------------------------------------
+def _communicator(distributed, model):
+    """The communicator of a data-parallel run, or None: ``distributed`` None, or a group of one process."""
+    if distributed is None:
+        return None
+    comm = _distributed.get_communicator(distributed)
+    if comm.size == 1:
+        return None
+    if isinstance(comm, _distributed.NCCLCommunicator) and model.backend != "cupy":
+        raise ValueError(f"distributed='nccl' reduces CuPy arrays on the GPU, but the model is on {model.device.name} "
+                         f"({model.backend}): use distributed='mpi', or a model on device=f'cuda:{{comm.device}}'")
+    return comm
+
+
+def _model_config(model) -> dict:
+    """``model.get_config()``; with a learning rate given as a plain callable (no config), its layers and names."""
+    try:
+        return model.get_config()
+    except ValueError:
+        return {"layers": [layer.get_config() for layer in model.layers], "input_dim": model.input_dim,
+                "dtype": model.dtype, "loss": model.loss.get_config(), "optimizer": type(model.optimizer).__name__,
+                "metrics": [m.get_config() for m in model.metrics]}
+
+
+def _shape_of(source):
+    """What every rank's data must share: kind, rows, features, y's shape and dtype, weights, steps, block size."""
+    if source is None:
+        return None
+    y = source.first_targets()
+    stream = isinstance(source, _data.StreamAdapter)
+    weights = source.first[2] if stream else source.sample_weight
+    return (type(source).__name__, source.n, source.width, tuple(y.shape[1:]), dtype_name(y.dtype),
+            weights is not None, source.n_steps if stream else None, getattr(source, "block_size", None))
+
+
+def _agree(comm, model, train, val, checkpoint, arguments):
+    """RankMismatchError on every rank, before anything changes, unless every rank trains the same model on data of
+    the same shapes with the same arguments."""
+    opt = model.optimizer
+    comm.agree(_model_config(model), "the model (layers, loss, optimizer, metrics)")
+    comm.agree((model.backend, model.built, opt.iterations, sorted(opt.state)),
+               "the model's backend, whether it is built, and its optimizer's steps and slots")
+    comm.agree(_shape_of(train), "the training data (kind, rows, features, y shape and dtype, sample weights, steps, "
+                                 "block size)")
+    comm.agree(_shape_of(val), "the validation data")
+    comm.agree(arguments, "the arguments of fit() (epochs, batch_size, shuffle, validation_split, class_weight, "
+                          "log_every)")
+    comm.agree(None if checkpoint is None else (checkpoint.epoch, checkpoint.step), "the checkpoint (epoch, step)")
+
+
+class _Replicas:
+    """This process's part in data-parallel training over ``comm`` (two or more ranks): the hooks of fit's loop.
+
+    :meth:`replicate` copies rank 0's model to every rank, so each holds the same weights and draws the same
+    shuffles. Each step, the mean gradient of this rank's rows, weighted by their share of the global batch, is
+    summed over ranks in one all-reduce of the flat gradient buffer: the global batch's mean gradient, the same on
+    every rank. At each epoch's end the running statistics are averaged and the parameters' checksums compared.
+    """
+
+    def __init__(self, comm, model):
+        self.comm, self.model = comm, model
+        self.batches = self.dropout_seed = None
+
+    def replicate(self) -> "_Replicas":
+        """Copy rank 0's parameters, state, optimizer state and random generator states to every rank."""
+        model, comm = self.model, self.comm
+        buffer, slots = model.parameter_buffer, model.optimizer.state
+        for a in (buffer.values, buffer.state, *(slots[k] for k in sorted(slots))):
+            if a.shape[0]:
+                comm.broadcast_(a)
+        model.set_random_state(comm.broadcast_object(model.random_state()))
+        return self
+
+    def resume(self, config, checkpoint):
+        """Before the first epoch (a checkpoint, if any, restored on every rank): the run's dropout seed (kept in
+        checkpoints, so a resumed run draws the same masks), then the parameters must be the same everywhere."""
+        seed = checkpoint.fit.get("dropout_seed") if checkpoint is not None else None
+        self.dropout_seed = _distributed.derive_seed(self.model.rng.bit_generator.state) if seed is None else seed
+        config["dropout_seed"] = self.dropout_seed
+        what = f"the parameters restored from {checkpoint.path}" if checkpoint is not None else "the initial parameters"
+        self.comm.check_identical(self.model.parameter_buffer.values, what)
+
+    def begin_epoch(self, epoch, batches):
+        """Each rank its own dropout masks in ``epoch``, from (dropout seed, epoch, rank): the same after a resume."""
+        self.batches = batches
+        self.model.seed_dropout(_distributed.derive_seed(self.dropout_seed, epoch, self.comm.rank))
+
+    def compute_gradients(self, xb, yb, wb):
+        """``model.compute_gradients`` on this rank's rows of the step's global batch, weighted by their share of it,
+        then one all-reduce: every rank holds the global batch's mean gradient. A rank without rows in a short batch
+        adds zeros (``out`` is then None)."""
+        model, n = self.model, xb.shape[0]
+        grads = model.parameter_buffer.grads
+        if self.batches.stream:  # each rank's own batches, of any length: one more (small) collective
+            total = int(self.comm.allreduce_host([n])[0])
+        else:
+            total = self.batches.batch_rows.popleft()  # the rows of this step's global batch
+        if n:
+            loss, out = model.compute_gradients(xb, yb, wb)
+            if n != total:
+                grads *= n / total
+        else:
+            grads[...] = 0
+            loss, out = model.device.zeros((), model.dtype), None
+        self.comm.allreduce_(grads)
+        return loss, out
+
+    def end_epoch(self, epoch):
+        """Average the running statistics (normalization layers) over ranks, then compare the parameters'
+        checksums: RankMismatchError on every rank if they differ (a missed update is an error, never drift)."""
+        buffer = self.model.parameter_buffer
+        if buffer.state.shape[0]:
+            self.comm.allreduce_(buffer.state)
+            buffer.state *= 1.0 / self.comm.size
+        self.comm.check_identical(buffer.values, f"the parameters after epoch {epoch + 1}")
+
+    def any(self, flag) -> bool:
+        """``flag`` on any rank (a callback that stopped training on one rank only stops every rank)."""
+        return bool(self.comm.allreduce_host([int(bool(flag))], "max")[0])

@@ -6,7 +6,11 @@ Select with ``pytest --backend=NAME`` (repeatable) or ``PORTANET_BACKENDS=numpy,
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +115,19 @@ def mnist_dir():
             "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
         pytest.skip(f"real MNIST not found in {MNIST_DIR} (set PORTANET_DATA to the folder holding mnist/)")
     return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def mpiexec() -> list:
+    """The command that starts an MPI job (``[path, flags...]``, then ``-n N program``): the mpiexec next to the
+    interpreter (the MPI extra installs MPICH's there), else one on PATH; skipped with the reason when absent."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip('mpi4py is not installed (pip install "portanet[mpi]")')
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip('no mpiexec next to the interpreter or on PATH (pip install "portanet[mpi]" puts MPICH\'s there)')
+    version = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
+    if "Open MPI" in version.stdout + version.stderr:  # CI machines have 2 cores; Open MPI refuses more ranks
+        return [found, "--oversubscribe", "-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED", "-x", "OMP_NUM_THREADS"]
+    return [found]

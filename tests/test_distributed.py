@@ -1,8 +1,8 @@
 """portanet.distributed: sharding math and the one-process communicator here; MPI behaviour in 2-process jobs.
 
-The MPI tests launch ``mpiexec -n 2 <python> tests/mpi_scripts/<script>.py`` (the mpiexec next to the interpreter,
-else the one on PATH) and are skipped with the reason when mpi4py or mpiexec is missing. Every launch has a
-subprocess timeout, so a job that hangs fails its test instead of blocking the suite.
+The MPI tests launch ``mpiexec -n 2 <python> tests/mpi_scripts/<script>.py`` (the ``mpiexec`` fixture of conftest.py:
+the mpiexec next to the interpreter, else the one on PATH) and are skipped with the reason when mpi4py or mpiexec is
+missing. Every launch has a subprocess timeout, so a job that hangs fails its test instead of blocking the suite.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,21 +271,8 @@ def _env():
     return env
 
 
-def _mpiexec() -> list:
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip('mpi4py is not installed (pip install "portanet[mpi]")')
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if beside.exists() else shutil.which("mpiexec")
-    if found is None:
-        pytest.skip('no mpiexec next to the interpreter or on PATH (pip install "portanet[mpi]" puts MPICH\'s there)')
-    version = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
-    if "Open MPI" in version.stdout + version.stderr:  # CI machines have 2 cores; Open MPI refuses more ranks
-        return [found, "--oversubscribe", "-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED"]
-    return [found]
-
-
-def _launch(script, *args, ranks=2):
-    cmd = _mpiexec() + ["-n", str(ranks), sys.executable, str(SCRIPTS / script), *map(str, args)]
+def _launch(mpiexec, script, *args, ranks=2):
+    cmd = mpiexec + ["-n", str(ranks), sys.executable, str(SCRIPTS / script), *map(str, args)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(), cwd=ROOT)
     except subprocess.TimeoutExpired as exc:
@@ -295,8 +281,8 @@ def _launch(script, *args, ranks=2):
     return done.returncode, done.stdout + done.stderr
 
 
-def test_mpi_allreduce_and_broadcast_in_place_on_every_cpu_backend():
-    rc, out = _launch("collectives.py")
+def test_mpi_allreduce_and_broadcast_in_place_on_every_cpu_backend(mpiexec):
+    rc, out = _launch(mpiexec, "collectives.py")
     assert rc == 0, out
     names = ["numpy", "host"] + [name for name, lib in (("torch", "torch"), ("array_api_strict", "array_api_strict"),
                                                        ("array_api_strict-device1", "array_api_strict"))
@@ -305,8 +291,8 @@ def test_mpi_allreduce_and_broadcast_in_place_on_every_cpu_backend():
         assert sorted(re.findall(rf"ok {re.escape(name)} rank (\d)", out)) == ["0", "1"], out
 
 
-def test_mpi_disagreements_raise_on_every_rank_naming_ranks_and_values():
-    rc, out = _launch("mismatch.py")
+def test_mpi_disagreements_raise_on_every_rank_naming_ranks_and_values(mpiexec):
+    rc, out = _launch(mpiexec, "mismatch.py")
     assert rc == 0, out
     for label in ("input", "drift", "ulp-exact", "broadcast-shape"):
         assert sorted(re.findall(rf"{label} rank (\d) caught RankMismatchError", out)) == ["0", "1"], out
@@ -329,21 +315,21 @@ def test_mpi_disagreements_raise_on_every_rank_naming_ranks_and_values():
     ("exit", [r"rank 1 leaves with os._exit\(3\)"]),
     ("sigkill", [r"BAD TERMINATION|signal 9|Killed"]),
 ])
-def test_mpi_job_with_a_failing_rank_ends_with_a_clear_error_instead_of_hanging(mode, expected):
+def test_mpi_job_with_a_failing_rank_ends_with_a_clear_error_instead_of_hanging(mpiexec, mode, expected):
     """The job must end (a hang fails the launch timeout) with a non-zero status and the error in its output.
 
     In "raise", "exit" and "sigkill" the waiting rank's timeout is 600 s: only the abort can end the job in time.
     """
-    rc, out = _launch("failure.py", mode)
+    rc, out = _launch(mpiexec, "failure.py", mode)
     assert rc != 0, out
     assert "finished the all-reduce" not in out
     for pattern in expected:
         assert re.search(pattern, out), f"no {pattern!r} in:\n{out}"
 
 
-def test_two_ranks_with_global_batch_b_train_the_same_weights_as_one_process(tmp_path):
+def test_two_ranks_with_global_batch_b_train_the_same_weights_as_one_process(mpiexec, tmp_path):
     """Proof of concept on today's public API (loss_and_grads, set_parameters, Adam on flat arrays)."""
-    rc, out = _launch("equivalence.py", tmp_path / "two.npz")
+    rc, out = _launch(mpiexec, "equivalence.py", tmp_path / "two.npz")
     assert rc == 0, out
     cases = 3 * (1 + sum(importlib.util.find_spec(lib) is not None for lib in ("torch", "array_api_strict")))
     assert len(re.findall(r"ranks=2: max \|distributed - single\| = ", out)) == cases, out
@@ -355,3 +341,219 @@ def test_two_ranks_with_global_batch_b_train_the_same_weights_as_one_process(tmp
     for key in two.files:
         np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-12, err_msg=key)
         assert np.max(np.abs(two[key])) > 0.1
+
+
+# -- data-parallel fit and evaluate: the pieces, in one process ----------------------------------------------------
+def _shares(source, batch_size, size, shuffle=True, seed=3):
+    """For each rank: ([(x, y) of each share], [rows of each global batch]) from data.Batches with ``part``."""
+    out = []
+    for rank in range(size):
+        batches = pn.data.Batches(source, batch_size=batch_size, shuffle=shuffle, rng=seed, dtype="float64",
+                                  part=lambda rows, rank=rank: split_rows(rows, rank, size))
+        shares = [(pn.to_numpy(xb), pn.to_numpy(yb)) for xb, yb, _ in batches]
+        out.append((shares, list(batches.batch_rows)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["array", "memmap"])
+@pytest.mark.parametrize("n, batch_size, size, shuffle", [(45, 8, 2, True), (41, 8, 2, True), (40, 7, 3, False)])
+def test_batch_shares_of_the_ranks_tile_the_one_process_batches(tmp_path, kind, n, batch_size, size, shuffle):
+    x = np.arange(n * 2, dtype=np.float64).reshape(n, 2)
+    y = np.arange(n, dtype=np.float64)
+    if kind == "memmap":  # block-shuffled in blocks of 16 rows: a short batch may come mid-epoch
+        np.save(tmp_path / "x.npy", x)
+        source = lambda: pn.data.SliceableAdapter(np.load(tmp_path / "x.npy", mmap_mode="r"), y, block_size=16)  # noqa: E731
+    else:
+        source = lambda: pn.data.adapt(x, y)  # noqa: E731
+    whole = [(pn.to_numpy(xb), pn.to_numpy(yb)) for xb, yb, _ in
+             pn.data.Batches(source(), batch_size=batch_size, shuffle=shuffle, rng=3, dtype="float64")]
+    ranks = _shares(source(), batch_size, size, shuffle)
+    for rank, (shares, rows) in enumerate(ranks):
+        assert len(shares) == len(whole) and rows == [len(b[1]) for b in whole], rank
+    for step, (xb, yb) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([ranks[r][0][step][1] for r in range(size)]), yb)
+        np.testing.assert_array_equal(np.concatenate([ranks[r][0][step][0] for r in range(size)]), xb)
+        lengths = [stop - start for start, stop in (split_rows(len(yb), r, size) for r in range(size))]
+        assert [len(ranks[r][0][step][1]) for r in range(size)] == lengths
+
+
+def test_a_stream_is_taken_as_this_ranks_share_as_it_is():
+    stream = [(np.ones((3, 2)), np.zeros(3)), (np.ones((2, 2)), np.zeros(2))]
+    batches = pn.data.Batches(iter(stream), batch_size=8, steps_per_epoch=2, part=lambda rows: split_rows(rows, 1, 2))
+    assert [xb.shape[0] for xb, _, _ in batches] == [3, 2] and not batches.batch_rows
+
+
+def test_derive_seed_is_reproducible_and_differs_per_key():
+    seeds = {distributed.derive_seed(7, epoch, rank) for epoch in range(50) for rank in range(8)}
+    assert len(seeds) == 400 and all(0 <= s < 2**62 for s in seeds)
+    state = np.random.default_rng(1).bit_generator.state
+    assert distributed.derive_seed(state) == distributed.derive_seed(np.random.default_rng(1).bit_generator.state)
+    assert distributed.derive_seed(state) != distributed.derive_seed(np.random.default_rng(2).bit_generator.state)
+
+
+def test_get_communicator_makes_one_mpi_communicator_per_process_and_options(monkeypatch):
+    made = []
+
+    class Fake(LocalCommunicator):
+        def __init__(self, **options):
+            super().__init__(**options)
+            made.append(self)
+
+    monkeypatch.setattr(distributed, "MPICommunicator", Fake)
+    monkeypatch.setattr(distributed, "_SHARED", {})
+    assert get_communicator("mpi") is get_communicator("MPI") is made[0]
+    assert get_communicator("mpi", timeout=5) is not made[0] and len(made) == 2
+
+
+def _classifier(device=None, seed=0):
+    model = pn.Model([pn.Dense(5, activation="tanh"), pn.Dropout(0.2), pn.Dense(3, activation="softmax")],
+                     dtype="float64", seed=seed, **({} if device is None else {"device": device}))
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+    return model
+
+
+def test_fit_with_a_group_of_one_is_plain_training_bit_for_bit(device):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 4)), rng.integers(0, 3, size=30)
+    runs = []
+    for spec in (None, "local", LocalCommunicator()):
+        model = _classifier(device)
+        history = model.fit(x, y, epochs=2, batch_size=8, validation_split=0.2, verbose=0, distributed=spec)
+        runs.append((pn.to_numpy(model.parameter_buffer.values), history.history,
+                     model.evaluate(x, y, distributed=spec)))
+    for weights, history, logs in runs[1:]:
+        np.testing.assert_array_equal(weights, runs[0][0])
+        assert history == runs[0][1] and logs == runs[0][2]
+
+
+def test_fit_rejects_an_unknown_distributed_before_building_the_model():
+    model = _classifier()
+    with pytest.raises(ValueError, match=r"distributed must be None, 'local', 'mpi', 'nccl' or a Communicator, got 'm"):
+        model.fit(np.zeros((4, 3)), np.zeros(4, dtype=np.int64), distributed="mpl")
+    assert not model.built
+
+
+def test_seed_dropout_restarts_the_masks_from_the_seed(device):
+    model = _classifier(device).build(4)
+    x = device.from_host(np.ones((6, 4)))
+    draws = []
+    for seed in (5, 5, 6):
+        model.seed_dropout(seed)
+        draws.append(pn.to_numpy(model.layers[1].forward_with_cache(x, training=True)[0]))
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert not np.array_equal(draws[0], draws[2])
+
+
+# -- data-parallel fit and evaluate on 2 ranks ----------------------------------------------------------------------
+def _run_plain(script, *args):
+    done = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, env=_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_fit_on_two_ranks_trains_and_logs_what_one_process_does(mpiexec, tmp_path):
+    """Through model.fit(distributed="mpi"): Adam, shuffling, uneven and one-row last batches, validation data and
+    split, metrics, sample and class weights, a memory map, a sharded stream, evaluate(); float64."""
+    rc, out = _launch(mpiexec, "fit_equivalence.py", tmp_path / "two.npz")
+    assert rc == 0, out
+    _run_plain("fit_equivalence.py", tmp_path / "one.npz", "--plain")
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert sorted(two.files) == sorted(one.files) and len(one.files) >= 30
+    for key in one.files:
+        np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-12, err_msg=key)
+    assert all(np.max(np.abs(one[k])) > 0.1 for k in one.files if k.endswith("/weights"))
+    # verbose=2 on rank 0 only (the others pass 0): one line per epoch
+    assert [len(re.findall(rf"^epoch {e}/3 - loss", out, re.M)) for e in (1, 2, 3)] == [1, 1, 1], out
+
+
+@pytest.fixture(scope="module")
+def resumed(mpiexec, tmp_path_factory):
+    """One process trains 2 epochs (checkpoint) and 4 uninterrupted; 2 ranks resume that checkpoint to 4 epochs and
+    train 2 (checkpoint); one process resumes that one to 4 epochs."""
+    folder = tmp_path_factory.mktemp("resume")
+    _run_plain("fit_resume.py", folder, "first")
+    rc, out = _launch(mpiexec, "fit_resume.py", folder, "ranks")
+    assert rc == 0, out
+    _run_plain("fit_resume.py", folder, "last")
+    return folder, out
+
+
+@pytest.mark.parametrize("run", ["ranks", "last"])
+def test_a_checkpoint_resumes_on_another_number_of_ranks_to_the_uninterrupted_result(resumed, run):
+    folder, _ = resumed
+    whole, got = np.load(folder / "first.npz"), np.load(folder / f"{run}.npz")
+    np.testing.assert_allclose(got["resumed"], whole["uninterrupted"], rtol=0, atol=1e-12)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(got[f"resumed/{key}"], whole[f"uninterrupted/{key}"], rtol=0, atol=1e-12)
+        assert len(got[f"resumed/{key}"]) == 4
+
+
+def test_only_rank_0_writes_checkpoints(resumed):
+    folder, out = resumed
+    assert sorted(re.findall(r"rank (\d): checkpoints written by rank: \[True, False\]", out)) == ["0", "1"], out
+    assert (folder / "two-rank0.ckpt").exists() and not (folder / "two-rank1.ckpt").exists()
+
+
+def test_dropout_masks_differ_between_ranks_and_resume_exactly(resumed):
+    _, out = resumed
+    assert sorted(re.findall(r"rank (\d): dropout generators differ between ranks: True", out)) == ["0", "1"], out
+    diffs = re.findall(r"dropout resumed vs uninterrupted max diff (\S+); vs one process (\S+)", out)
+    assert len(diffs) == 2 and all(float(same) == 0 and float(other) > 1e-3 for same, other in diffs), out
+
+
+@pytest.fixture(scope="module")
+def failures(mpiexec):
+    rc, out = _launch(mpiexec, "fit_failures.py", "clean")
+    assert rc == 0, out
+    return out
+
+
+def _caught(out, case):
+    found = dict(re.findall(rf"^{case} rank (\d) caught (.*)$", out, re.M))
+    assert sorted(found) == ["0", "1"], out
+    assert found["0"] == found["1"], out  # the same error, the same message, on every rank
+    return found["0"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("width", r"RankMismatchError: ranks disagree about the training data .*rank 0: \('ArrayAdapter', 48, 4, .*; "
+              r"rank 1: \('ArrayAdapter', 48, 5, "),
+    ("batch_size", r"RankMismatchError: ranks disagree about the arguments of fit\(\) .*rank 0: \[2, 8, .*"
+                   r"rank 1: \[2, 9,"),
+    ("layers", r"RankMismatchError: ranks disagree about the model \(layers, loss, optimizer, metrics\)"),
+])
+def test_ranks_that_disagree_raise_on_every_rank_before_the_model_is_built(failures, case, message):
+    assert re.search(message, _caught(failures, case))
+    assert sorted(re.findall(rf"^{case} rank (\d) built: False$", failures, re.M)) == ["0", "1"], failures
+
+
+def test_parameters_that_drift_apart_on_one_rank_raise_at_the_end_of_the_epoch(failures):
+    message = _caught(failures, "perturbed")
+    assert re.search(r"RankMismatchError: the parameters after epoch 1 differ between ranks", message)
+
+
+def test_a_loss_overflow_on_one_rank_stops_every_rank_at_the_same_step_with_the_same_weights(failures):
+    assert re.search(r"FloatingPointError: the loss became NaN or inf at epoch 1, step 4 of 6",
+                     _caught(failures, "overflow"))
+    assert sorted(re.findall(r"overflow rank (\d) weights finite: True, identical on every rank: True",
+                             failures)) == ["0", "1"], failures
+
+
+def test_a_nan_read_in_one_ranks_share_raises_stream_error_everywhere_and_puts_the_model_back(failures):
+    assert re.search(r"StreamError: batch 3 of x in epoch 1 holds NaN or inf", _caught(failures, "nan_read"))
+    assert sorted(re.findall(r"nan_read rank (\d) weights put back: True, identical on every rank: True",
+                             failures)) == ["0", "1"], failures
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("kill", r"BAD TERMINATION|signal 9|Killed"),
+    ("raise", r"RuntimeError: rank 1 failed on purpose in its 3rd step(.|\n)*uncaught RuntimeError on rank 1 of 2"),
+    ("hang", r"DistributedError: rank 0 of 2: allreduce_ of \d+ float64 values .*did not complete within 3 s"),
+])
+def test_a_rank_that_dies_raises_or_hangs_in_fit_ends_the_job_with_an_error(mpiexec, mode, expected):
+    rc, out = _launch(mpiexec, "fit_failures.py", mode)
+    assert rc != 0, out
+    assert "finished training" not in out
+    assert re.search(expected, out), out
+

@@ -143,6 +143,21 @@ def test_mnist_example_runs_on_each_backend(device, mnist_dir):
     assert _number(r"test accuracy ([\d.]+)% after 1 epochs", out) > 20
 
 
+def test_mnist_example_on_two_processes_reaches_the_one_process_accuracy_and_prints_once(mpiexec, mnist_dir):
+    args = ["--epochs", 2, "--limit", 2000, "--quiet", "--data-dir", mnist_dir]
+    one = run_example("mnist.py", *args, env={"OMP_NUM_THREADS": "1"})
+    result = subprocess.run([*mpiexec, "-n", "2", sys.executable, str(EXAMPLES / "mnist.py"), "--distributed",
+                             *map(str, args)], capture_output=True, text=True, timeout=300, cwd=EXAMPLES.parent,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    two = result.stdout
+    assert "training on 2000 images, testing on 10000, on cpu (numpy), 2 processes" in two
+    assert len(re.findall(r"^test accuracy ", two, re.M)) == 1 and len(re.findall(r"^epoch 2/2 - ", two, re.M)) == 1
+    accuracy_one = _number(r"test accuracy ([\d.]+)% after 2 epochs", one)
+    accuracy_two = _number(r"test accuracy ([\d.]+)% after 2 epochs", two)
+    assert accuracy_one > 80 and abs(accuracy_two - accuracy_one) < 2.0, (accuracy_one, accuracy_two)
+
+
 def test_mnist_example_says_where_to_put_the_files_when_offline(tmp_path):
     with socket.socket() as sock:  # a port nobody listens on: the proxy "connection refused" stands for offline
         sock.bind(("127.0.0.1", 0))

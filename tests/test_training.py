@@ -183,6 +183,18 @@ def test_inf_in_a_streamed_batch_stops_training_and_puts_the_weights_back(device
     assert model.optimizer.iterations == 0
 
 
+def test_a_bad_batch_before_the_first_step_of_adam_puts_back_the_fresh_optimizer(tmp_path):
+    """The rollback snapshot of an optimizer that has not stepped holds no slots: restoring it must work."""
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=X.shape)
+    x[...] = X
+    x[25, 1] = np.nan
+    model = pn.Model([pn.Dense(4, "tanh"), pn.Dense(3, "softmax")], seed=0)
+    model.compile("sparse_categorical_crossentropy", pn.Adam())
+    with pytest.raises(StreamError, match=r"batch 2 of x in epoch 1 holds NaN or inf"):
+        model.fit(x, SORTED, batch_size=10, shuffle=False, verbose=0)
+    assert model.optimizer.iterations == 0 and model.optimizer.state == {}
+
+
 # -- NaN and inf in the loss --------------------------------------------------------------------------------------
 def _regression(device):
     model = pn.Model([pn.Dense(4, "tanh"), pn.Dense(1)], device=device, seed=0)
