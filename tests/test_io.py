@@ -638,3 +638,39 @@ def test_a_header_beyond_the_tensor_limit_is_refused_before_it_is_all_read(tmp_p
     finally:
         tracemalloc.stop()
     assert peak < 3 * path.stat().st_size, (peak, path.stat().st_size)
+
+
+class _ScaledL2(pn.regularizers.Regularizer):
+    """A regularizer no registry knows (as portanet.sklearn's batch penalty)."""
+
+    name = "scaled_l2"
+
+    def __call__(self, w, xp):
+        flat = xp.reshape(w, (-1,))
+        return 0.5 * xp.vecdot(flat, flat)
+
+    def gradient(self, w, xp):
+        return w
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+def test_a_factory_that_builds_from_code_loads_a_config_naming_classes_no_registry_knows(tmp_path):
+    """``portanet.load`` refuses a config it cannot rebuild; ``io.load(..., config_objects=False)`` (the factory makes
+    the layers from code) loads it, and still checks every tensor against the factory's model."""
+    from portanet import io as pn_io
+
+    def make(units=3):
+        return pn.Model([pn.Dense(units, "tanh", kernel_regularizer=_ScaledL2()), pn.Dense(2)], seed=0)
+
+    model = make().compile("mse", "adam")
+    model.build(4)
+    model.save(tmp_path / "m.safetensors")
+    with pytest.raises(ModelFileError, match=r"config layers\[0\] is invalid: .*unknown regularizer 'scaled_l2'"):
+        pn.load(tmp_path / "m.safetensors")
+    loaded = pn_io.load(tmp_path / "m.safetensors", lambda config: make().compile("mse", "adam"),
+                        config_objects=False)
+    np.testing.assert_array_equal(loaded.parameter_buffer.values, model.parameter_buffer.values)
+    with pytest.raises(ModelFileError, match="dense_0.kernel"):
+        pn_io.load(tmp_path / "m.safetensors", lambda config: make(5).compile("mse", "adam"), config_objects=False)

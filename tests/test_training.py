@@ -190,7 +190,7 @@ def test_a_bad_batch_before_the_first_step_of_adam_puts_back_the_fresh_optimizer
     x[25, 1] = np.nan
     model = pn.Model([pn.Dense(4, "tanh"), pn.Dense(3, "softmax")], seed=0)
     model.compile("sparse_categorical_crossentropy", pn.Adam())
-    with pytest.raises(StreamError, match=r"batch 2 of x in epoch 1 holds NaN or inf"):
+    with pytest.raises(StreamError, match=r"batch 2 of x \(memmap\) in epoch 1 holds NaN or inf"):
         model.fit(x, SORTED, batch_size=10, shuffle=False, verbose=0)
     assert model.optimizer.iterations == 0 and model.optimizer.state == {}
 
