@@ -405,6 +405,23 @@ def test_get_communicator_makes_one_mpi_communicator_per_process_and_options(mon
     assert get_communicator("mpi", timeout=5) is not made[0] and len(made) == 2
 
 
+def test_the_name_alone_returns_the_communicator_made_first_with_options(monkeypatch):
+    # get_communicator("mpi", timeout=60) before fit(distributed="mpi") must set fit's timeout: fit asks for the name
+    made = []
+
+    class Fake(LocalCommunicator):
+        def __init__(self, **options):
+            super().__init__(**options)
+            made.append(self)
+
+    monkeypatch.setattr(distributed, "MPICommunicator", Fake)
+    monkeypatch.setattr(distributed, "_SHARED", {})
+    configured = get_communicator("mpi", timeout=7)
+    assert get_communicator("mpi") is configured and configured.timeout == 7
+    assert get_communicator("mpi", timeout=9) is not configured and get_communicator("mpi") is configured
+    assert len(made) == 2
+
+
 def _classifier(device=None, seed=0):
     model = pn.Model([pn.Dense(5, activation="tanh"), pn.Dropout(0.2), pn.Dense(3, activation="softmax")],
                      dtype="float64", seed=seed, **({} if device is None else {"device": device}))
