@@ -563,6 +563,14 @@ def test_a_nan_read_in_one_ranks_share_raises_stream_error_everywhere_and_puts_t
                              failures)) == ["0", "1"], failures
 
 
+def test_batch_normalization_shares_of_one_row_raise_on_every_rank_before_the_model_is_built(failures):
+    message = _caught(failures, "bn_share")
+    assert re.search(r"ValueError: batch_size=3 on 2 ranks splits a global batch of 3 rows into shares as small as 1 "
+                     r"row\(s\), but layer 'batch_normalization_\d+' \(BatchNormalization\) needs at least 2 rows",
+                     message), message
+    assert sorted(re.findall(r"^bn_share rank (\d) built: False$", failures, re.M)) == ["0", "1"], failures
+
+
 @pytest.mark.parametrize("mode, expected", [
     ("kill", r"BAD TERMINATION|signal 9|Killed"),
     ("raise", r"RuntimeError: rank 1 failed on purpose in its 3rd step(.|\n)*uncaught RuntimeError on rank 1 of 2"),
