@@ -73,7 +73,7 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
     those of one process (except with BatchNormalization, which normalizes each rank's share with its own statistics;
     every non-empty share needs the layer's 2 rows, else ValueError before training). Logs are over all ranks; rank 0 alone shows progress and writes checkpoints.
     Ranks that disagree about the model, the data's shapes or the arguments raise :class:`~portanet.distributed.RankMismatchError` before training; parameters that differ after
-    an epoch raise it too; a rank that fails or stops makes the others raise DistributedError (or ends the job)
+    an epoch or at the end of fit (a callback given on some ranks only that changed the weights) raise it too; a rank that fails or stops makes the others raise DistributedError (or ends the job)
     within the communicator's timeout. Ctrl-C is not deferred (it ends the job).
     """
     # -- check everything; nothing changes and nothing is drawn until the model is built below
@@ -209,8 +209,8 @@ def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table
         guard.keep_finite()
         raise
     cbs.on_train_end()
-    if comm is not None:
-        comm.barrier()  # every rank returns once rank 0's files are written
+    if replicas is not None:  # also waits for rank 0's files: every rank returns once they are written
+        replicas.end_training()
     return history
 
 
@@ -729,6 +729,14 @@ class _Replicas:
             self.comm.allreduce_(buffer.state)
             buffer.state *= 1.0 / self.comm.size
         self.comm.check_identical(buffer.values, f"the parameters after epoch {epoch + 1}")
+
+    def end_training(self):
+        """After the callbacks' ``on_train_end``: the parameters must still be the same on every rank (a callback
+        given on some ranks only, ``EarlyStopping(restore_best_weights=True)`` say, may have changed them there)."""
+        self.comm.check_identical(
+            self.model.parameter_buffer.values,
+            "the parameters at the end of fit() (after the callbacks' on_train_end; a callback that changes the "
+            "weights, such as EarlyStopping(restore_best_weights=True), must be given on every rank)")
 
     def any(self, flag) -> bool:
         """``flag`` on any rank (a callback that stopped training on one rank only stops every rank)."""

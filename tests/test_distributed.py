@@ -571,6 +571,12 @@ def test_batch_normalization_shares_of_one_row_raise_on_every_rank_before_the_mo
     assert sorted(re.findall(r"^bn_share rank (\d) built: False$", failures, re.M)) == ["0", "1"], failures
 
 
+def test_a_callback_on_one_rank_that_restores_other_weights_raises_at_the_end_of_fit(failures):
+    message = _caught(failures, "restore_one_rank")
+    assert re.search(r"RankMismatchError: the parameters at the end of fit\(\) .*EarlyStopping"
+                     r"\(restore_best_weights=True\), must be given on every rank\) differ between ranks", message)
+
+
 @pytest.mark.parametrize("mode, expected", [
     ("kill", r"BAD TERMINATION|signal 9|Killed"),
     ("raise", r"RuntimeError: rank 1 failed on purpose in its 3rd step(.|\n)*uncaught RuntimeError on rank 1 of 2"),
