@@ -71,10 +71,12 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
     initial weights and generators are copied to all; each global batch of ``batch_size`` rows (the one-process
     batches and shuffle) is split over the ranks, and the gradients are summed once per step, so the weights are
     those of one process (except with BatchNormalization, which normalizes each rank's share with its own statistics;
-    every non-empty share needs the layer's 2 rows, else ValueError before training). Logs are over all ranks; rank 0 alone shows progress and writes checkpoints.
-    Ranks that disagree about the model, the data's shapes or the arguments raise :class:`~portanet.distributed.RankMismatchError` before training; parameters that differ after
-    an epoch or at the end of fit (a callback given on some ranks only that changed the weights) raise it too; a rank that fails or stops makes the others raise DistributedError (or ends the job)
-    within the communicator's timeout. Ctrl-C is not deferred (it ends the job).
+    every non-empty share needs the layer's 2 rows, else ValueError before training). Logs are over all ranks; rank 0
+    alone shows progress and writes checkpoints. Ranks that disagree about the model, the data's shapes or the arguments
+    raise :class:`~portanet.distributed.RankMismatchError` before training; parameters that differ after an epoch or at
+    the end of fit (a callback given on some ranks only that changed the weights) raise it too; a rank that fails or
+    stops makes the others raise DistributedError (or ends the job) within the communicator's timeout. Ctrl-C is not
+    deferred (it ends the job).
     """
     # -- check everything; nothing changes and nothing is drawn until the model is built below
     _require_compiled(model, "fit()")
