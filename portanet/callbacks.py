@@ -30,8 +30,10 @@ class Callback(Owned):
     ``verbose``, ``fit`` (the training configuration), ``history`` (the run's History), ``callbacks`` (all callbacks
     of the run), ``rank`` and ``ranks`` (this process and the number of processes: 0 and 1 but in data-parallel
     training)). ``logs`` are dicts of floats; ``on_batch_end`` receives the batch loss as a 0-d device array
-    (reading it with ``float()`` syncs the device). Setting ``self.model.stop_training = True`` ends training after
-    the current epoch. A callback with state that should survive ``fit(resume_from=...)`` returns it from
+    (reading it with ``float()`` syncs the device; in data-parallel training, the mean loss of this rank's share of
+    the batch, 0 for an empty share: the logs of ``on_log`` and ``on_epoch_end`` are over all ranks). Setting
+    ``self.model.stop_training = True`` ends training after the current epoch. A callback with state that should
+    survive ``fit(resume_from=...)`` returns it from
     ``state_dict()`` (JSON-able values, or a weights snapshot from ``model.snapshot()``) and takes it back in
     ``load_state_dict()``, called after ``on_train_begin``; ``check_state_dict()`` says beforehand whether a state
     read from a checkpoint can be loaded. ``check_logs(keys)`` raises when the callback would read

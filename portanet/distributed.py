@@ -652,6 +652,9 @@ def get_communicator(spec=None, **options) -> Communicator:
     ``options`` go to the constructor (``timeout=``, ...). "mpi" and "nccl" make one communicator per process for
     each set of options and return it again on later calls (``fit`` and ``evaluate`` share it; an NCCL communicator
     is costly to set up); one that timed out stays broken (its collectives raise :class:`DistributedError`).
+    The name alone (what ``fit(distributed="mpi")`` asks for) returns the first communicator made for that name, with
+    whatever options: ``get_communicator("mpi", timeout=60)`` before ``fit(..., distributed="mpi")`` sets fit's
+    timeout.
     """
     if isinstance(spec, Communicator):
         if options:
@@ -667,6 +670,8 @@ def get_communicator(spec=None, **options) -> Communicator:
         hash(key)
     except TypeError:  # an unhashable option (an MPI communicator object may be): a new communicator each time
         key = None
+    if not options:  # the name alone: this process's communicator for it, whichever options made it first
+        key = next((k for k in _SHARED if k[0] == name), key)
     if key not in _SHARED:
         comm = MPICommunicator(**options) if name == "mpi" else NCCLCommunicator(**options)
         if key is None:

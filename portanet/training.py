@@ -70,10 +70,13 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
     passes the same arguments (callbacks may differ; rank 0's ``verbose`` applies) and the whole data set; rank 0's
     initial weights and generators are copied to all; each global batch of ``batch_size`` rows (the one-process
     batches and shuffle) is split over the ranks, and the gradients are summed once per step, so the weights are
-    those of one process. Logs are over all ranks; rank 0 alone shows progress and writes checkpoints.
-    Ranks that disagree about the model, the data's shapes or the arguments raise :class:`~portanet.distributed.RankMismatchError` before training; parameters that differ after
-    an epoch raise it too; a rank that fails or stops makes the others raise DistributedError (or ends the job)
-    within the communicator's timeout. Ctrl-C is not deferred (it ends the job).
+    those of one process (except with BatchNormalization, which normalizes each rank's share with its own statistics;
+    every non-empty share needs the layer's 2 rows, else ValueError before training). Logs are over all ranks; rank 0
+    alone shows progress and writes checkpoints. Ranks that disagree about the model, the data's shapes or the arguments
+    raise :class:`~portanet.distributed.RankMismatchError` before training; parameters that differ after an epoch or at
+    the end of fit (a callback given on some ranks only that changed the weights) raise it too; a rank that fails or
+    stops makes the others raise DistributedError (or ends the job) within the communicator's timeout. Ctrl-C is not
+    deferred (it ends the job).
     """
     # -- check everything; nothing changes and nothing is drawn until the model is built below
     _require_compiled(model, "fit()")
@@ -120,6 +123,7 @@ def fit(model, x, y=None, *, epochs=1, batch_size=32, shuffle=True, validation_d
         if comm is not None:
             _agree(comm, model, train, val, checkpoint, [epochs, batch_size, bool(shuffle), fraction, class_table,
                                                          log_every])
+            _check_training_rows(model, train, batch_size, fraction, comm.size)  # the same answer on every rank
             verbose = comm.broadcast_object(verbose)  # rank 0's: it decides when the running loss is read
         # -- from here on the model changes; in one process, a first Ctrl-C waits until the current step is whole
         with _interrupts.deferred() if comm is None else contextlib.nullcontext(lambda: False) as interrupted:
@@ -207,8 +211,8 @@ def _train(model, train, val, fraction, epochs, batch_size, shuffle, class_table
         guard.keep_finite()
         raise
     cbs.on_train_end()
-    if comm is not None:
-        comm.barrier()  # every rank returns once rank 0's files are written
+    if replicas is not None:  # also waits for rank 0's files: every rank returns once they are written
+        replicas.end_training()
     return history
 
 
@@ -283,20 +287,31 @@ def _class_weights(class_weight, loss, out_dim):
     return table
 
 
-def _check_training_rows(model, source, batch_size, fraction):
+def _check_training_rows(model, source, batch_size, fraction, ranks=1):
     """Every training batch of in-memory or sliced data has the rows the model's layers need in training
-    (BatchNormalization: 2), so a batch of 1 row left over at the end of an epoch fails now, not mid-training."""
+    (BatchNormalization: 2), so a batch of 1 row left over at the end of an epoch fails now, not mid-training.
+    ``ranks`` > 1 (data-parallel): each rank's non-empty share of every global batch (:func:`distributed.split_rows`)
+    must have them, since each rank runs the layers on its share alone."""
     need = model.min_training_rows
     if need <= 1 or source.n is None:
         return
     n = _data.split_sizes(source.n, fraction, _split_labels(model, source))[0] if fraction else source.n
     last = n % batch_size or batch_size
+    layer = next((layer for layer in model.layers if layer.min_training_rows == need), None)
     if min(n, last) < need:
-        layer = next(layer for layer in model.layers if layer.min_training_rows == need)
         raise ValueError(f"batch_size={batch_size} splits the {n} training rows into batches the last of which has "
                          f"{min(n, last)} row(s), but layer {layer.name!r} ({type(layer).__name__}) needs at least "
                          f"{need} rows per training batch: choose another batch_size (or drop {min(n, last)} "
                          "row(s))")
+    if ranks > 1:
+        for rows in sorted({min(n, batch_size), last}):
+            share = max(rows // ranks, 1)  # the smallest non-empty share (a rank may get none of a short batch)
+            if share < need:
+                raise ValueError(
+                    f"batch_size={batch_size} on {ranks} ranks splits a global batch of {rows} rows into shares as "
+                    f"small as {share} row(s), but layer {layer.name!r} ({type(layer).__name__}) needs at least "
+                    f"{need} rows per training batch on each rank (each rank normalizes its own share): choose a "
+                    f"batch_size whose batches, the last included, have at least {need * ranks} rows")
 
 
 def _check_monitors(model, callbacks, validation):
@@ -716,6 +731,14 @@ class _Replicas:
             self.comm.allreduce_(buffer.state)
             buffer.state *= 1.0 / self.comm.size
         self.comm.check_identical(buffer.values, f"the parameters after epoch {epoch + 1}")
+
+    def end_training(self):
+        """After the callbacks' ``on_train_end``: the parameters must still be the same on every rank (a callback
+        given on some ranks only, ``EarlyStopping(restore_best_weights=True)`` say, may have changed them there)."""
+        self.comm.check_identical(
+            self.model.parameter_buffer.values,
+            "the parameters at the end of fit() (after the callbacks' on_train_end; a callback that changes the "
+            "weights, such as EarlyStopping(restore_best_weights=True), must be given on every rank)")
 
     def any(self, flag) -> bool:
         """``flag`` on any rank (a callback that stopped training on one rank only stops every rank)."""

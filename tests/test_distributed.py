@@ -405,6 +405,23 @@ def test_get_communicator_makes_one_mpi_communicator_per_process_and_options(mon
     assert get_communicator("mpi", timeout=5) is not made[0] and len(made) == 2
 
 
+def test_the_name_alone_returns_the_communicator_made_first_with_options(monkeypatch):
+    # get_communicator("mpi", timeout=60) before fit(distributed="mpi") must set fit's timeout: fit asks for the name
+    made = []
+
+    class Fake(LocalCommunicator):
+        def __init__(self, **options):
+            super().__init__(**options)
+            made.append(self)
+
+    monkeypatch.setattr(distributed, "MPICommunicator", Fake)
+    monkeypatch.setattr(distributed, "_SHARED", {})
+    configured = get_communicator("mpi", timeout=7)
+    assert get_communicator("mpi") is configured and configured.timeout == 7
+    assert get_communicator("mpi", timeout=9) is not configured and get_communicator("mpi") is configured
+    assert len(made) == 2
+
+
 def _classifier(device=None, seed=0):
     model = pn.Model([pn.Dense(5, activation="tanh"), pn.Dropout(0.2), pn.Dense(3, activation="softmax")],
                      dtype="float64", seed=seed, **({} if device is None else {"device": device}))
@@ -463,11 +480,10 @@ def test_fit_on_two_ranks_trains_and_logs_what_one_process_does(mpiexec, tmp_pat
     for key in one.files:
         np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-12, err_msg=key)
     assert all(np.max(np.abs(one[k])) > 0.1 for k in one.files if k.endswith("/weights"))
-    # rank 0 alone prints (the others pass 0): one line per epoch for the verbose=2 fit (accuracy) and the verbose=1
-    # fit (mae; its bar ends in the same line)
-    for metric in ("accuracy", "mae"):
-        lines = [len(re.findall(rf"^epoch {e}/3 - .* - loss: [^ ]+ - {metric}: ", out, re.M)) for e in (1, 2, 3)]
-        assert lines == [1, 1, 1], (metric, out)
+    # rank 0 only prints (the others pass verbose=0): one line per epoch for verbose=2 (the numpy classifier, logging
+    # accuracy) and for the progress bar of verbose=1 (the regression, logging mae), which tqdm may leave mid-line
+    lines = [sorted(re.findall(rf"epoch {e}/3 - [0-9.e+-]+s - loss: \S+ - (\w+):", out)) for e in (1, 2, 3)]
+    assert lines == [["accuracy", "mae"]] * 3, out
 
 
 @pytest.fixture(scope="module")
@@ -547,6 +563,20 @@ def test_a_nan_read_in_one_ranks_share_raises_stream_error_everywhere_and_puts_t
     assert re.search(r"StreamError: batch 3 of x \(memmap\) in epoch 1 holds NaN or inf", _caught(failures, "nan_read"))
     assert sorted(re.findall(r"nan_read rank (\d) weights put back: True, identical on every rank: True",
                              failures)) == ["0", "1"], failures
+
+
+def test_batch_normalization_shares_of_one_row_raise_on_every_rank_before_the_model_is_built(failures):
+    message = _caught(failures, "bn_share")
+    assert re.search(r"ValueError: batch_size=3 on 2 ranks splits a global batch of 3 rows into shares as small as 1 "
+                     r"row\(s\), but layer 'batch_normalization_\d+' \(BatchNormalization\) needs at least 2 rows",
+                     message), message
+    assert sorted(re.findall(r"^bn_share rank (\d) built: False$", failures, re.M)) == ["0", "1"], failures
+
+
+def test_a_callback_on_one_rank_that_restores_other_weights_raises_at_the_end_of_fit(failures):
+    message = _caught(failures, "restore_one_rank")
+    assert re.search(r"RankMismatchError: the parameters at the end of fit\(\) .*EarlyStopping"
+                     r"\(restore_best_weights=True\), must be given on every rank\) differ between ranks", message)
 
 
 @pytest.mark.parametrize("mode, expected", [

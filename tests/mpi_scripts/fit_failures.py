@@ -6,7 +6,9 @@ clean   errors every rank catches, each printed as "<case> rank <r> caught <type
         disagreements before training (x's width, the batch size, the layers: the model is not even built),
         parameters perturbed on rank 1 mid-epoch (the end-of-epoch checksum), a loss that overflows on rank 1's
         rows only (the NaN guard stops every rank at the same step, with the same finite weights), a NaN read from a
-        memory map in rank 1's share (StreamError on every rank, the model put back as it was)
+        memory map in rank 1's share (StreamError on every rank, the model put back as it was), BatchNormalization
+        with shares of 1 row (ValueError before training), EarlyStopping restoring weights on rank 1 only
+        (RankMismatchError at the end of fit)
 kill    rank 1 is killed by SIGKILL in its 3rd step
 raise   rank 1 raises in a callback in its 3rd step (uncaught: the excepthook aborts the job)
 hang    rank 1 stops answering in its 3rd step; rank 0's collective times out after 3 s (uncaught: the job aborts)
@@ -107,6 +109,22 @@ if MODE == "clean":
     report("nan_read", lambda: model.fit(x_nan, y, epochs=2, batch_size=8, shuffle=False, verbose=0, distributed="mpi"))
     kept = bool(np.array_equal(pn.to_numpy(model.parameter_buffer.values), before))
     say(f"nan_read rank {rank} weights put back: {kept}, identical on every rank: {same_on_all(model)}")
+
+    # BatchNormalization on 2 ranks with global batches of 3: rank 1's share of each is 1 row (the variance of one
+    # row is 0): a ValueError on every rank before the model is built, not on rank 1 mid-training
+    bn = pn.Model([pn.Dense(5), pn.BatchNormalization(), pn.Dense(3, activation="softmax")], dtype="float64", seed=0)
+    bn.compile(loss="sparse_categorical_crossentropy", optimizer="adam")
+    report("bn_share", lambda: bn.fit(x[:42], y[:42], epochs=1, batch_size=3, verbose=0, distributed="mpi"))
+    say(f"bn_share rank {rank} built: {bn.built}")
+
+    # a callback on rank 1 only that puts other weights back at the end of training: the ranks' models would leave
+    # fit() different; fit compares them after on_train_end
+    x_val, y_val = rng.normal(size=(16, 4)), rng.integers(0, 3, size=16)
+    stopper = [pn.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)] if rank == 1 else []
+    model = model_for()
+    model.compile(loss="sparse_categorical_crossentropy", optimizer=pn.Adam(lr=0.1))
+    report("restore_one_rank", lambda: model.fit(x, y, epochs=40, batch_size=8, validation_data=(x_val, y_val),
+                                                 verbose=0, callbacks=stopper, distributed="mpi"))
 
 elif MODE in ("kill", "raise", "hang"):
     if MODE == "hang":
