@@ -669,7 +669,7 @@ class _BaseMLP(BaseEstimator):
             path = os.path.join(folder, "model.safetensors")
             with open(path, "wb") as f:
                 f.write(data)
-            self._model = _io.load(path, factory)
+            self._model = _io.load(path, factory, check_config=False)
         if rate is not None:
             optimizer.learning_rate = rate
             self._optimizer = optimizer
