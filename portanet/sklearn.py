@@ -770,7 +770,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     @available_if(_stochastic_solver)
     def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y); ``classes`` (every label the estimator will see) is required on the first call.
-        Labels not in ``classes_`` raise ValueError. Returns self."""
+        Labels not in ``classes_`` raise ValueError. ``classes`` may be an array of any namespace (it is read on the
+        host, like y). Returns self."""
+        classes = _host(classes)
         known = getattr(self, "classes_", None)
         known = None if known is None else to_numpy(known)
         if known is None and classes is None:

@@ -345,6 +345,22 @@ def test_array_api_dispatch_keeps_inputs_and_outputs_on_their_device(monkeypatch
 
 
 # -- scikit-learn machinery: clone, pipelines, grid search, pickling ------------------------------------------------
+def test_partial_fit_takes_classes_in_the_namespace_of_x_under_array_api_dispatch(device, monkeypatch):
+    if device.backend == "numpy":
+        pytest.skip("NumPy arrays are not another namespace: nothing to dispatch")
+    monkeypatch.setenv("SCIPY_ARRAY_API", "1")
+    X, y = device.from_host(X_DIGITS), device.from_host(Y_DIGITS)
+    with sklearn.config_context(array_api_dispatch=True):
+        est = MLPClassifier(hidden_layer_sizes=(8,), random_state=0)
+        est.partial_fit(X, y, classes=device.from_host(np.arange(10))).partial_fit(X, y)
+        labels = est.predict(X)
+    assert_on_device(labels, device)
+    on_numpy = MLPClassifier(hidden_layer_sizes=(8,), random_state=0).partial_fit(X_DIGITS, Y_DIGITS,
+                                                                                  classes=np.arange(10))
+    np.testing.assert_array_equal(device.to_host(labels),
+                                  on_numpy.partial_fit(X_DIGITS, Y_DIGITS).predict(X_DIGITS))
+
+
 def test_clone_get_params_and_set_params_round_trip():
     est = MLPClassifier(hidden_layer_sizes=(7, 5), activation=["tanh", "relu"], dropout=[0.2, 0.0], backend="torch",
                         device="cpu", dtype="float32", max_iter=3, random_state=0)
