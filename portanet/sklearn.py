@@ -453,7 +453,12 @@ class _BaseMLP(BaseEstimator):
                 self.best_loss_, self.validation_scores_, self.best_validation_score_ = np.inf, None, None
 
     def _check_sample_weight(self, sample_weight, n_samples):
-        w = check_array(_host(sample_weight), ensure_2d=False, dtype=np.float64, input_name="sample_weight")
+        """``sample_weight`` as a host float64 (samples,) array; a number weighs every row alike (scikit-learn's
+        rule)."""
+        sample_weight = _host(sample_weight)
+        if isinstance(sample_weight, numbers.Number) or np.ndim(sample_weight) == 0:
+            sample_weight = np.full(n_samples, sample_weight, dtype=np.float64)
+        w = check_array(sample_weight, ensure_2d=False, dtype=np.float64, input_name="sample_weight")
         if w.ndim != 1 or w.shape[0] != n_samples:
             raise ValueError(f"sample_weight.shape == {w.shape}, expected ({n_samples},)!")
         if not np.any(w != 0):
@@ -764,7 +769,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def fit(self, X, y, sample_weight=None):
         """Fit to X (samples, features), dense or SciPy sparse, and labels y (samples,) or a multilabel indicator
-        matrix (samples, labels); ``sample_weight`` (samples,) weighs each row's loss. Returns self."""
+        matrix (samples, labels); ``sample_weight`` (samples,) or one number weighs each row's loss. Returns
+        self."""
         return self._fit(X, y, sample_weight, incremental=False)
 
     @available_if(_stochastic_solver)
@@ -914,7 +920,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def fit(self, X, y, sample_weight=None):
         """Fit to X (samples, features), dense or SciPy sparse, and targets y (samples,) or (samples, outputs);
-        ``sample_weight`` (samples,) weighs each row's loss. Returns self."""
+        ``sample_weight`` (samples,) or one number weighs each row's loss. Returns self."""
         return self._fit(X, y, sample_weight, incremental=False)
 
     @available_if(_stochastic_solver)

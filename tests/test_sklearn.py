@@ -361,6 +361,21 @@ def test_partial_fit_takes_classes_in_the_namespace_of_x_under_array_api_dispatc
                                   on_numpy.partial_fit(X_DIGITS, Y_DIGITS).predict(X_DIGITS))
 
 
+@needs_1_7
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_a_number_as_sample_weight_weighs_every_row_as_scikit_learn_does(device, kind):
+    ours, theirs = {"classifier": (MLPClassifier, reference.MLPClassifier),
+                    "regressor": (MLPRegressor, reference.MLPRegressor)}[kind]
+    X, y = (X_DIGITS, Y_DIGITS) if kind == "classifier" else (X_REG, Y_REG)
+    params = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = ours(**params, **_where(device)).fit(X, y, sample_weight=2.5)
+        expected = theirs(**params).fit(X, y, sample_weight=2.5)
+    for a, b in zip(est.coefs_ + est.intercepts_, expected.coefs_ + expected.intercepts_):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
 def test_clone_get_params_and_set_params_round_trip():
     est = MLPClassifier(hidden_layer_sizes=(7, 5), activation=["tanh", "relu"], dropout=[0.2, 0.0], backend="torch",
                         device="cpu", dtype="float32", max_iter=3, random_state=0)
