@@ -435,6 +435,7 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_, self.t_ = 0, 0
         self.n_outputs_ = Y.shape[1]
         self.n_layers_ = len(hidden) + 2
+        self._architecture = (list(hidden), list(acts), list(rates))  # as fitted: set_params does not change it
         self.out_activation_ = self._output_activation_name()
         dtype = dtype_name(self.dtype) if self.dtype is not None else (
             "float32" if dtype_name(X.dtype) == "float32" else "float64")
@@ -643,14 +644,13 @@ class _BaseMLP(BaseEstimator):
                 _io.save(model, path, include_optimizer=True)
                 with open(path, "rb") as f:
                     state["_model_file"] = f.read()
-            opt = model.optimizer
             state["_model_place"] = (model.device.backend, model.device.name, model.dtype, model.input_dim)
-            state["_optimizer_rate"] = None if self._optimizer is None else opt.learning_rate
+            state["_optimizer_spec"] = _optimizer_spec(self._optimizer)
         return state
 
     def __setstate__(self, state):
         data, place = state.pop("_model_file", None), state.pop("_model_place", None)
-        rate = state.pop("_optimizer_rate", None)
+        spec = state.pop("_optimizer_spec", None)
         super().__setstate__(state)
         self._model = self._optimizer = None
         if data is None:
@@ -662,8 +662,9 @@ class _BaseMLP(BaseEstimator):
             warnings.warn(f"the estimator was fitted on {name} ({backend}), which is not available here ({exc}); it is "
                           "restored on the CPU (NumPy)", RuntimeWarning, stacklevel=2)
             device = resolve_device("cpu")
-        hidden, acts, rates = self._check_params()
-        optimizer = self._new_optimizer() if rate is not None else _optimizers.SGD()
+        # the model as it was fitted, whatever set_params changed since (the parameters apply at the next fit)
+        hidden, acts, rates = self._architecture
+        optimizer = _optimizers.SGD() if spec is None else _optimizer_from_spec(spec)
 
         def factory(config):
             model = self._network(hidden, acts, rates, device, dtype)
@@ -675,8 +676,7 @@ class _BaseMLP(BaseEstimator):
             with open(path, "wb") as f:
                 f.write(data)
             self._model = _io.load(path, factory, check_config=False)
-        if rate is not None:
-            optimizer.learning_rate = rate
+        if spec is not None:
             self._optimizer = optimizer
         self._best = self._model.snapshot()
 
@@ -685,6 +685,20 @@ class _BaseMLP(BaseEstimator):
         tags.input_tags.sparse = True
         tags.array_api_support = True
         return tags
+
+
+def _optimizer_spec(optimizer):
+    """The fitted stochastic optimizer's kind and hyperparameters (its current rate included), or None."""
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, _SklearnSGD):
+        return ("sgd", optimizer.learning_rate, optimizer.momentum, optimizer.nesterov)
+    return ("adam", optimizer.learning_rate, optimizer.beta_1, optimizer.beta_2, optimizer.epsilon_hat)
+
+
+def _optimizer_from_spec(spec):
+    kind, *args = spec
+    return (_SklearnSGD if kind == "sgd" else _SklearnAdam)(*args)
 
 
 def _stochastic_solver(estimator) -> bool:
@@ -719,7 +733,8 @@ _PARAMETERS_DOC = """
     ``predict`` refuses inputs from another namespace or device than fit's (scikit-learn's convention).
     ``coefs_`` and ``intercepts_`` are NumPy arrays (live views of the weights on NumPy, copies elsewhere).
     Pickles carry the weights and optimizer state as a portanet safetensors file; they unpickle on the same device,
-    or on the CPU (with a RuntimeWarning) where it does not exist.
+    or on the CPU (with a RuntimeWarning) where it does not exist, as the network was fitted (parameters changed
+    by ``set_params`` since apply at the next fit that is not a warm start).
 """
 
 

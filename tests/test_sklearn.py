@@ -447,6 +447,25 @@ def test_every_fitted_estimator_unpickles_on_every_backend(device, make, X, y):
     np.testing.assert_array_equal(copy.predict(X), est.predict(X))
 
 
+def test_a_pickle_restores_the_network_as_fitted_whatever_set_params_changed_since(device):
+    """set_params after fit changes what the next fit builds, not the fitted network: a pickle must restore that one
+    (hidden layers, activations, dropout, the optimizer and its hyperparameters), not one built from the new values."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, random_state=0, **_where(device)).fit(X_DIGITS,
+                                                                                                       Y_DIGITS)
+        proba = est.predict_proba(X_DIGITS)
+        est.set_params(hidden_layer_sizes=(5, 5), activation="tanh", dropout=0.5, solver="lbfgs")
+        copy = pickle.loads(pickle.dumps(est))
+        np.testing.assert_array_equal(copy.predict_proba(X_DIGITS), proba)
+        est.set_params(solver="adam", beta_1=0.5, learning_rate_init=0.1)
+        copy = pickle.loads(pickle.dumps(est))
+        for e in (est, copy):  # partial_fit goes on with the fitted Adam (beta_1=0.9, rate 1e-3), as it would unpickled
+            e.partial_fit(X_DIGITS, Y_DIGITS)
+    for a, b in zip(copy.coefs_ + copy.intercepts_, est.coefs_ + est.intercepts_):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_unpickling_where_the_device_is_missing_restores_on_the_cpu():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
