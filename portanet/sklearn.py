@@ -457,7 +457,7 @@ class _BaseMLP(BaseEstimator):
         """``sample_weight`` as a host float64 (samples,) array; a number weighs every row alike (scikit-learn's
         rule)."""
         sample_weight = _host(sample_weight)
-        if isinstance(sample_weight, numbers.Number) or np.ndim(sample_weight) == 0:
+        if isinstance(sample_weight, numbers.Number):
             sample_weight = np.full(n_samples, sample_weight, dtype=np.float64)
         w = check_array(sample_weight, ensure_2d=False, dtype=np.float64, input_name="sample_weight")
         if w.ndim != 1 or w.shape[0] != n_samples:
