@@ -46,6 +46,7 @@ from .model import Model
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
 _STOCHASTIC = ("sgd", "adam")
+_VALIDATED = ("n_features_in_", "feature_names_in_", "classes_", "_label_binarizer")  # what validation rewrites
 _SKLEARN_ACTIVATIONS = {"identity": "linear", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
 _OUTPUT_ACTIVATIONS = {"identity": "linear", "logistic": "sigmoid", "softmax": "softmax"}  # "exp": _Exp
 
@@ -405,16 +406,26 @@ class _BaseMLP(BaseEstimator):
         if incremental and self.early_stopping:
             raise ValueError("partial_fit does not support early_stopping=True")
         first_pass = not self.__sklearn_is_fitted__() or (not self.warm_start and not incremental)
-        X, Y = self._validate_input(X, _host(y), incremental, reset=first_pass)
-        n_samples = X.shape[0]
-        weights = None if sample_weight is None else self._check_sample_weight(sample_weight, n_samples)
-        random_state = check_random_state(self.random_state)
+        # validation rewrites n_features_in_, feature_names_in_ and the classes: put them back if anything before
+        # training fails (bad X, y, sample_weight, random_state or device), so the fitted estimator stays whole
+        validated = {k: self.__dict__[k] for k in _VALIDATED if k in self.__dict__}
+        try:
+            X, Y = self._validate_input(X, _host(y), incremental, reset=first_pass)
+            n_samples = X.shape[0]
+            weights = None if sample_weight is None else self._check_sample_weight(sample_weight, n_samples)
+            random_state = check_random_state(self.random_state)
+            if first_pass:
+                device = self._device_for(X)  # an unknown or missing device
+            elif Y.shape[1] != self.n_outputs_:
+                raise ValueError(f"y has {Y.shape[1]} outputs but the estimator was fitted with {self.n_outputs_}; "
+                                 "warm_start and partial_fit need the same outputs")
+        except BaseException:
+            for k in _VALIDATED:
+                self.__dict__.pop(k, None)
+            self.__dict__.update(validated)
+            raise
         if first_pass:
-            device = self._device_for(X)  # an unknown or missing device fails here, before the fitted state changes
             self._initialize(X, Y, hidden, acts, rates, device, random_state)
-        elif Y.shape[1] != self.n_outputs_:
-            raise ValueError(f"y has {Y.shape[1]} outputs but the estimator was fitted with {self.n_outputs_}; "
-                             "warm_start and partial_fit need the same outputs")
         model = self._model
         self._penalty.alpha = float(self.alpha)
         with model.device.scope():

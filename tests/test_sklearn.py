@@ -537,6 +537,27 @@ def test_bad_parameters_raise_at_fit_naming_the_parameter_and_change_nothing(par
     np.testing.assert_array_equal(est.predict_proba(X_DIGITS), before)
 
 
+@pytest.mark.parametrize("params, y, message", [
+    ({"device": "tpu"}, Y_DIGITS % 2, "unknown .*device 'tpu'"),
+    ({}, Y_DIGITS / 2, "Unknown label type"),
+    ({"random_state": "seed"}, Y_DIGITS % 2, "cannot be used to seed"),
+], ids=["device", "labels", "random_state"])
+def test_a_fit_that_fails_before_training_leaves_the_fitted_estimator_whole(device, params, y, message):
+    """The failing fit has another feature count and other classes: its validation must not leave them behind (the
+    model would expect 64 features while n_features_in_ says 5, and label 10 outputs with 2 classes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2, random_state=0, **_where(device)).fit(X_DIGITS,
+                                                                                                       Y_DIGITS)
+    before = est.predict_proba(X_DIGITS)
+    with pytest.raises(ValueError, match=message):
+        est.set_params(**params).fit(X_DIGITS[:, :5], y)
+    assert est.n_features_in_ == 64
+    np.testing.assert_array_equal(est.classes_, np.arange(10))
+    np.testing.assert_array_equal(est.predict_proba(X_DIGITS), before)
+    np.testing.assert_array_equal(est.predict(X_DIGITS), np.argmax(before, axis=1))
+
+
 def test_poisson_refuses_negative_targets():
     with pytest.raises(ValueError, match=r"loss='poisson' needs targets y >= 0"):
         MLPRegressor(loss="poisson").fit(X_REG, Y_REG)
