@@ -489,20 +489,20 @@ def _require(file, ok, why):
         file.fail(why)
 
 
-def _architecture(file: _File, factory, objects: bool = True):
+def _architecture(file: _File, factory, check_config=True):
     """An unbuilt, compiled (when the file says so) model made by ``factory(config)`` from the file's config, and
     the shapes of its parameters and state."""
-    config = _config(file, objects)
+    config = _config(file, check_config)
     with _invalid(file, "config"):
         model = factory(config)
         shapes = _shapes(model.layers, config["input_dim"])
     return model, config, shapes
 
 
-def _config(file: _File, objects: bool = True) -> dict:
+def _config(file: _File, check_config=True) -> dict:
     """The file's model config, every value checked before use: its structure here, hyperparameters by the
-    constructors they go to (each layer, the loss, the optimizer, each metric; unless ``objects`` is False: the
-    caller builds those from code), errors naming the field."""
+    constructors they go to (each layer, the loss, the optimizer, each metric), errors naming the field. With
+    ``check_config=False`` only the structure: the caller's factory does not read the hyperparameters."""
     config = file.json("config")
     _require(file, isinstance(config, dict) and {"layers", "input_dim", "dtype"} <= set(config),
              "its config must be an object with layers, input_dim and dtype")
@@ -517,19 +517,18 @@ def _config(file: _File, objects: bool = True) -> dict:
     for i, layer in enumerate(layers):
         _require(file, isinstance(layer, dict) and isinstance(layer.get("name"), str),
                  f"each layer must be an object with a string name; config layers[{i}] is {layer!r:.100}")
-    if not objects:
-        return config
-    for i, layer in enumerate(layers):
+        if not check_config:
+            continue
         with _invalid(file, f"config layers[{i}]"):
             _layers.get(layer)
     for key, get in (("loss", _losses.get), ("optimizer", _optimizers.get)):
-        if config.get(key) is not None:
+        if check_config and config.get(key) is not None:
             with _invalid(file, f"config {key}"):
                 get(config[key])
     metrics = config.get("metrics")
     _require(file, metrics is None or isinstance(metrics, list), f"its config metrics must be a list, got "
                                                                  f"{type(metrics).__name__}")
-    for i, metric in enumerate(metrics or []):
+    for i, metric in enumerate((metrics or []) if check_config else []):
         with _invalid(file, f"config metrics[{i}]"):
             _metrics.get(metric)
     return config
@@ -616,19 +615,20 @@ def _count(shapes) -> int:
     return sum(math.prod(s) for s in shapes.values())
 
 
-def load(path, factory, *, config_objects: bool = True):
+def load(path, factory, check_config=True):
     """Rebuild a model saved by :func:`save` (or a checkpoint): ``factory(config)`` makes the unbuilt model from the
     file's ``get_config()`` data (``portanet.load`` passes ``Model.from_config`` on the chosen device); it is
-    built, and its weights, state and optimizer state are set from the file. ``config_objects=False``: the factory
-    makes the layers, loss and optimizer from code, not from the config's names (custom classes such as
-    ``portanet.sklearn``'s), so only the config's structure, ``input_dim`` and ``dtype`` are read; the tensors
-    must still match the factory's model.
+    built, and its weights, state and optimizer state are set from the file. ``check_config=False`` is for a
+    factory that makes the architecture from its own knowledge, with layers, losses or optimizers that are not in
+    portanet's registries (``portanet.sklearn``'s pickles): the config's layer, loss, optimizer and metric entries
+    are then not checked against the registries; its structure, and the tensors against the model the factory
+    makes, still are.
 
     Raises :class:`ModelFileError` for anything wrong with the file, ``OSError`` when it cannot be opened.
     """
     file = _File(path)
     file.check_portanet()
-    model, config, shapes = _architecture(file, factory, config_objects)
+    model, config, shapes = _architecture(file, factory, check_config)
     n, m = _count(shapes[0]), _count(shapes[1])
     expected = {**shapes[0], **shapes[1], **_optimizer_slots(file, model.optimizer, n)}
     if file.json("checkpoint", required=False) is not None:

@@ -46,6 +46,7 @@ from .model import Model
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
 _STOCHASTIC = ("sgd", "adam")
+_VALIDATED = ("n_features_in_", "feature_names_in_", "classes_", "_label_binarizer")  # what validation rewrites
 _SKLEARN_ACTIVATIONS = {"identity": "linear", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
 _OUTPUT_ACTIVATIONS = {"identity": "linear", "logistic": "sigmoid", "softmax": "softmax"}  # "exp": _Exp
 
@@ -405,16 +406,26 @@ class _BaseMLP(BaseEstimator):
         if incremental and self.early_stopping:
             raise ValueError("partial_fit does not support early_stopping=True")
         first_pass = not self.__sklearn_is_fitted__() or (not self.warm_start and not incremental)
-        X, Y = self._validate_input(X, _host(y), incremental, reset=first_pass)
-        n_samples = X.shape[0]
-        weights = None if sample_weight is None else self._check_sample_weight(sample_weight, n_samples)
-        random_state = check_random_state(self.random_state)
+        # validation rewrites n_features_in_, feature_names_in_ and the classes: put them back if anything before
+        # training fails (bad X, y, sample_weight, random_state or device), so the fitted estimator stays whole
+        validated = {k: self.__dict__[k] for k in _VALIDATED if k in self.__dict__}
+        try:
+            X, Y = self._validate_input(X, _host(y), incremental, reset=first_pass)
+            n_samples = X.shape[0]
+            weights = None if sample_weight is None else self._check_sample_weight(sample_weight, n_samples)
+            random_state = check_random_state(self.random_state)
+            if first_pass:
+                device = self._device_for(X)  # an unknown or missing device
+            elif Y.shape[1] != self.n_outputs_:
+                raise ValueError(f"y has {Y.shape[1]} outputs but the estimator was fitted with {self.n_outputs_}; "
+                                 "warm_start and partial_fit need the same outputs")
+        except BaseException:
+            for k in _VALIDATED:
+                self.__dict__.pop(k, None)
+            self.__dict__.update(validated)
+            raise
         if first_pass:
-            device = self._device_for(X)  # an unknown or missing device fails here, before the fitted state changes
             self._initialize(X, Y, hidden, acts, rates, device, random_state)
-        elif Y.shape[1] != self.n_outputs_:
-            raise ValueError(f"y has {Y.shape[1]} outputs but the estimator was fitted with {self.n_outputs_}; "
-                             "warm_start and partial_fit need the same outputs")
         model = self._model
         self._penalty.alpha = float(self.alpha)
         with model.device.scope():
@@ -435,6 +446,7 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_, self.t_ = 0, 0
         self.n_outputs_ = Y.shape[1]
         self.n_layers_ = len(hidden) + 2
+        self._architecture = (list(hidden), list(acts), list(rates))  # as fitted: set_params does not change it
         self.out_activation_ = self._output_activation_name()
         dtype = dtype_name(self.dtype) if self.dtype is not None else (
             "float32" if dtype_name(X.dtype) == "float32" else "float64")
@@ -453,7 +465,12 @@ class _BaseMLP(BaseEstimator):
                 self.best_loss_, self.validation_scores_, self.best_validation_score_ = np.inf, None, None
 
     def _check_sample_weight(self, sample_weight, n_samples):
-        w = check_array(_host(sample_weight), ensure_2d=False, dtype=np.float64, input_name="sample_weight")
+        """``sample_weight`` as a host float64 (samples,) array; a number weighs every row alike (scikit-learn's
+        rule)."""
+        sample_weight = _host(sample_weight)
+        if isinstance(sample_weight, numbers.Number):
+            sample_weight = np.full(n_samples, sample_weight, dtype=np.float64)
+        w = check_array(sample_weight, ensure_2d=False, dtype=np.float64, input_name="sample_weight")
         if w.ndim != 1 or w.shape[0] != n_samples:
             raise ValueError(f"sample_weight.shape == {w.shape}, expected ({n_samples},)!")
         if not np.any(w != 0):
@@ -638,14 +655,13 @@ class _BaseMLP(BaseEstimator):
                 _io.save(model, path, include_optimizer=True)
                 with open(path, "rb") as f:
                     state["_model_file"] = f.read()
-            opt = model.optimizer
             state["_model_place"] = (model.device.backend, model.device.name, model.dtype, model.input_dim)
-            state["_optimizer_rate"] = None if self._optimizer is None else opt.learning_rate
+            state["_optimizer_spec"] = _optimizer_spec(self._optimizer)
         return state
 
     def __setstate__(self, state):
         data, place = state.pop("_model_file", None), state.pop("_model_place", None)
-        rate = state.pop("_optimizer_rate", None)
+        spec = state.pop("_optimizer_spec", None)
         super().__setstate__(state)
         self._model = self._optimizer = None
         if data is None:
@@ -657,8 +673,9 @@ class _BaseMLP(BaseEstimator):
             warnings.warn(f"the estimator was fitted on {name} ({backend}), which is not available here ({exc}); it is "
                           "restored on the CPU (NumPy)", RuntimeWarning, stacklevel=2)
             device = resolve_device("cpu")
-        hidden, acts, rates = self._check_params()
-        optimizer = self._new_optimizer() if rate is not None else _optimizers.SGD()
+        # the model as it was fitted, whatever set_params changed since (the parameters apply at the next fit)
+        hidden, acts, rates = self._architecture
+        optimizer = _optimizers.SGD() if spec is None else _optimizer_from_spec(spec)
 
         def factory(config):
             model = self._network(hidden, acts, rates, device, dtype)
@@ -669,9 +686,8 @@ class _BaseMLP(BaseEstimator):
             path = os.path.join(folder, "model.safetensors")
             with open(path, "wb") as f:
                 f.write(data)
-            self._model = _io.load(path, factory, config_objects=False)
-        if rate is not None:
-            optimizer.learning_rate = rate
+            self._model = _io.load(path, factory, check_config=False)
+        if spec is not None:
             self._optimizer = optimizer
         self._best = self._model.snapshot()
 
@@ -680,6 +696,20 @@ class _BaseMLP(BaseEstimator):
         tags.input_tags.sparse = True
         tags.array_api_support = True
         return tags
+
+
+def _optimizer_spec(optimizer):
+    """The fitted stochastic optimizer's kind and hyperparameters (its current rate included), or None."""
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, _SklearnSGD):
+        return ("sgd", optimizer.learning_rate, optimizer.momentum, optimizer.nesterov)
+    return ("adam", optimizer.learning_rate, optimizer.beta_1, optimizer.beta_2, optimizer.epsilon_hat)
+
+
+def _optimizer_from_spec(spec):
+    kind, *args = spec
+    return (_SklearnSGD if kind == "sgd" else _SklearnAdam)(*args)
 
 
 def _stochastic_solver(estimator) -> bool:
@@ -714,7 +744,8 @@ _PARAMETERS_DOC = """
     ``predict`` refuses inputs from another namespace or device than fit's (scikit-learn's convention).
     ``coefs_`` and ``intercepts_`` are NumPy arrays (live views of the weights on NumPy, copies elsewhere).
     Pickles carry the weights and optimizer state as a portanet safetensors file; they unpickle on the same device,
-    or on the CPU (with a RuntimeWarning) where it does not exist.
+    or on the CPU (with a RuntimeWarning) where it does not exist, as the network was fitted (parameters changed
+    by ``set_params`` since apply at the next fit that is not a warm start).
 """
 
 
@@ -764,13 +795,16 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def fit(self, X, y, sample_weight=None):
         """Fit to X (samples, features), dense or SciPy sparse, and labels y (samples,) or a multilabel indicator
-        matrix (samples, labels); ``sample_weight`` (samples,) weighs each row's loss. Returns self."""
+        matrix (samples, labels); ``sample_weight`` (samples,) or one number weighs each row's loss. Returns
+        self."""
         return self._fit(X, y, sample_weight, incremental=False)
 
     @available_if(_stochastic_solver)
     def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y); ``classes`` (every label the estimator will see) is required on the first call.
-        Labels not in ``classes_`` raise ValueError. Returns self."""
+        Labels not in ``classes_`` raise ValueError. ``classes`` may be an array of any namespace (it is read on the
+        host, like y). Returns self."""
+        classes = _host(classes)
         known = getattr(self, "classes_", None)
         known = None if known is None else to_numpy(known)
         if known is None and classes is None:
@@ -912,7 +946,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def fit(self, X, y, sample_weight=None):
         """Fit to X (samples, features), dense or SciPy sparse, and targets y (samples,) or (samples, outputs);
-        ``sample_weight`` (samples,) weighs each row's loss. Returns self."""
+        ``sample_weight`` (samples,) or one number weighs each row's loss. Returns self."""
         return self._fit(X, y, sample_weight, incremental=False)
 
     @available_if(_stochastic_solver)

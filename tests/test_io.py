@@ -657,7 +657,7 @@ class _ScaledL2(pn.regularizers.Regularizer):
 
 
 def test_a_factory_that_builds_from_code_loads_a_config_naming_classes_no_registry_knows(tmp_path):
-    """``portanet.load`` refuses a config it cannot rebuild; ``io.load(..., config_objects=False)`` (the factory makes
+    """``portanet.load`` refuses a config it cannot rebuild; ``io.load(..., check_config=False)`` (the factory makes
     the layers from code) loads it, and still checks every tensor against the factory's model."""
     from portanet import io as pn_io
 
@@ -670,7 +670,7 @@ def test_a_factory_that_builds_from_code_loads_a_config_naming_classes_no_regist
     with pytest.raises(ModelFileError, match=r"config layers\[0\] is invalid: .*unknown regularizer 'scaled_l2'"):
         pn.load(tmp_path / "m.safetensors")
     loaded = pn_io.load(tmp_path / "m.safetensors", lambda config: make().compile("mse", "adam"),
-                        config_objects=False)
+                        check_config=False)
     np.testing.assert_array_equal(loaded.parameter_buffer.values, model.parameter_buffer.values)
     with pytest.raises(ModelFileError, match="dense_0.kernel"):
-        pn_io.load(tmp_path / "m.safetensors", lambda config: make(5).compile("mse", "adam"), config_objects=False)
+        pn_io.load(tmp_path / "m.safetensors", lambda config: make(5).compile("mse", "adam"), check_config=False)

@@ -345,6 +345,37 @@ def test_array_api_dispatch_keeps_inputs_and_outputs_on_their_device(monkeypatch
 
 
 # -- scikit-learn machinery: clone, pipelines, grid search, pickling ------------------------------------------------
+def test_partial_fit_takes_classes_in_the_namespace_of_x_under_array_api_dispatch(device, monkeypatch):
+    if device.backend == "numpy":
+        pytest.skip("NumPy arrays are not another namespace: nothing to dispatch")
+    monkeypatch.setenv("SCIPY_ARRAY_API", "1")
+    X, y = device.from_host(X_DIGITS), device.from_host(Y_DIGITS)
+    with sklearn.config_context(array_api_dispatch=True):
+        est = MLPClassifier(hidden_layer_sizes=(8,), random_state=0)
+        est.partial_fit(X, y, classes=device.from_host(np.arange(10))).partial_fit(X, y)
+        labels = est.predict(X)
+    assert_on_device(labels, device)
+    on_numpy = MLPClassifier(hidden_layer_sizes=(8,), random_state=0).partial_fit(X_DIGITS, Y_DIGITS,
+                                                                                  classes=np.arange(10))
+    np.testing.assert_array_equal(device.to_host(labels),
+                                  on_numpy.partial_fit(X_DIGITS, Y_DIGITS).predict(X_DIGITS))
+
+
+@needs_1_7
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_a_number_as_sample_weight_weighs_every_row_as_scikit_learn_does(device, kind):
+    ours, theirs = {"classifier": (MLPClassifier, reference.MLPClassifier),
+                    "regressor": (MLPRegressor, reference.MLPRegressor)}[kind]
+    X, y = (X_DIGITS, Y_DIGITS) if kind == "classifier" else (X_REG, Y_REG)
+    params = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = ours(**params, **_where(device)).fit(X, y, sample_weight=2.5)
+        expected = theirs(**params).fit(X, y, sample_weight=2.5)
+    for a, b in zip(est.coefs_ + est.intercepts_, expected.coefs_ + expected.intercepts_):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
 def test_clone_get_params_and_set_params_round_trip():
     est = MLPClassifier(hidden_layer_sizes=(7, 5), activation=["tanh", "relu"], dropout=[0.2, 0.0], backend="torch",
                         device="cpu", dtype="float32", max_iter=3, random_state=0)
@@ -391,6 +422,45 @@ def test_pickle_carries_a_safetensors_model_and_training_continues_identically()
         copy = pickle.loads(pickle.dumps(est))
         np.testing.assert_array_equal(copy.predict_proba(X_DIGITS), est.predict_proba(X_DIGITS))
         for e in (est, copy):  # Adam's moments and step count travel too
+            e.partial_fit(X_DIGITS, Y_DIGITS)
+    for a, b in zip(copy.coefs_ + copy.intercepts_, est.coefs_ + est.intercepts_):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("make, X, y", [
+    (lambda where: MLPClassifier(hidden_layer_sizes=(8,), solver="sgd", max_iter=3, random_state=0, **where),
+     X_DIGITS, Y_DIGITS),
+    (lambda where: MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, random_state=0, **where), X_LABELS, Y_LABELS),
+    (lambda where: MLPRegressor(loss="poisson", hidden_layer_sizes=(8,), max_iter=3, random_state=0, **where),
+     X_REG, Y_COUNTS),
+    (lambda where: MLPRegressor(solver="lbfgs", hidden_layer_sizes=(8,), max_iter=3, random_state=0, **where),
+     X_MULTI, Y_MULTI),
+], ids=["softmax-sgd", "multilabel-adam", "poisson-adam", "multi-output-lbfgs"])
+def test_every_fitted_estimator_unpickles_on_every_backend(device, make, X, y):
+    """The pickled model file holds scikit-learn's own pieces (its L2 penalty, losses, exp output, SGD), which
+    portanet's registries do not know: unpickling must not check the file's config against them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = make(_where(device)).fit(X, y)
+    copy = pickle.loads(pickle.dumps(est))
+    assert copy._model.device == device
+    np.testing.assert_array_equal(copy.predict(X), est.predict(X))
+
+
+def test_a_pickle_restores_the_network_as_fitted_whatever_set_params_changed_since(device):
+    """set_params after fit changes what the next fit builds, not the fitted network: a pickle must restore that one
+    (hidden layers, activations, dropout, the optimizer and its hyperparameters), not one built from the new values."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, random_state=0, **_where(device)).fit(X_DIGITS,
+                                                                                                       Y_DIGITS)
+        proba = est.predict_proba(X_DIGITS)
+        est.set_params(hidden_layer_sizes=(5, 5), activation="tanh", dropout=0.5, solver="lbfgs")
+        copy = pickle.loads(pickle.dumps(est))
+        np.testing.assert_array_equal(copy.predict_proba(X_DIGITS), proba)
+        est.set_params(solver="adam", beta_1=0.5, learning_rate_init=0.1)
+        copy = pickle.loads(pickle.dumps(est))
+        for e in (est, copy):  # partial_fit goes on with the fitted Adam (beta_1=0.9, rate 1e-3), as it would unpickled
             e.partial_fit(X_DIGITS, Y_DIGITS)
     for a, b in zip(copy.coefs_ + copy.intercepts_, est.coefs_ + est.intercepts_):
         np.testing.assert_array_equal(a, b)
@@ -465,6 +535,27 @@ def test_bad_parameters_raise_at_fit_naming_the_parameter_and_change_nothing(par
     with pytest.raises(ValueError, match=message):
         est.set_params(**params).fit(X_DIGITS, Y_DIGITS)
     np.testing.assert_array_equal(est.predict_proba(X_DIGITS), before)
+
+
+@pytest.mark.parametrize("params, y, message", [
+    ({"device": "tpu"}, Y_DIGITS % 2, "unknown .*device 'tpu'"),
+    ({}, Y_DIGITS / 2, "Unknown label type"),
+    ({"random_state": "seed"}, Y_DIGITS % 2, "cannot be used to seed"),
+], ids=["device", "labels", "random_state"])
+def test_a_fit_that_fails_before_training_leaves_the_fitted_estimator_whole(device, params, y, message):
+    """The failing fit has another feature count and other classes: its validation must not leave them behind (the
+    model would expect 64 features while n_features_in_ says 5, and label 10 outputs with 2 classes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2, random_state=0, **_where(device)).fit(X_DIGITS,
+                                                                                                       Y_DIGITS)
+    before = est.predict_proba(X_DIGITS)
+    with pytest.raises(ValueError, match=message):
+        est.set_params(**params).fit(X_DIGITS[:, :5], y)
+    assert est.n_features_in_ == 64
+    np.testing.assert_array_equal(est.classes_, np.arange(10))
+    np.testing.assert_array_equal(est.predict_proba(X_DIGITS), before)
+    np.testing.assert_array_equal(est.predict(X_DIGITS), np.argmax(before, axis=1))
 
 
 def test_poisson_refuses_negative_targets():
