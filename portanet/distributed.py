@@ -147,6 +147,10 @@ class Communicator:
     def __repr__(self):
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
 
+    def check_device(self, device) -> None:
+        """ValueError unless this communicator can reduce arrays that live on ``device`` (a
+        :class:`portanet.backends.Device`); MPI takes any (staged through the host where needed)."""
+
     # -- collectives subclasses provide ------------------------------------------------------------------------
     def allreduce_(self, array):
         """Sum ``array`` (any supported library/device, contiguous) over ranks, in place; returns ``array``."""
@@ -570,6 +574,11 @@ class NCCLCommunicator(Communicator):
         self._mpi.barrier()
         with cupy.cuda.Device(self.device):
             self._nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
+
+    def check_device(self, device) -> None:
+        if not array_api_compat.is_cupy_namespace(device.xp):
+            raise ValueError(f"distributed='nccl' reduces CuPy arrays on the GPU, but the model is on {device.name}: "
+                             f"use distributed='mpi', or a model on device='cuda:{self.device}'")
 
     def _buffer(self, array, what):
         if type(array).__module__.split(".")[0] != "cupy":

@@ -624,9 +624,7 @@ def _communicator(distributed, model):
     comm = _distributed.get_communicator(distributed)
     if comm.size == 1:
         return None
-    if isinstance(comm, _distributed.NCCLCommunicator) and model.backend != "cupy":
-        raise ValueError(f"distributed='nccl' reduces CuPy arrays on the GPU, but the model is on {model.device.name} "
-                         f"({model.backend}): use distributed='mpi', or a model on device=f'cuda:{{comm.device}}'")
+    comm.check_device(model.device)
     return comm
 
 

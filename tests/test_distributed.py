@@ -590,3 +590,17 @@ def test_a_rank_that_dies_raises_or_hangs_in_fit_ends_the_job_with_an_error(mpie
     assert "finished training" not in out
     assert re.search(expected, out), out
 
+
+
+def test_nccl_refuses_a_model_off_cupy_and_mpi_takes_any_device(device):
+    """NCCL reduces CuPy arrays only (checked before training, naming the model's device); MPI takes any device."""
+    nccl = object.__new__(distributed.NCCLCommunicator)  # no CuPy here: the check needs none of its state but device
+    nccl.device = 1
+    if device.backend == "cupy":
+        nccl.check_device(device)
+        return
+    with pytest.raises(ValueError, match=rf"nccl' reduces CuPy arrays on the GPU, but the model is on "
+                                         rf"{re.escape(device.name)}: .*device='cuda:1'"):
+        nccl.check_device(device)
+    distributed.LocalCommunicator().check_device(device)
+    object.__new__(distributed.MPICommunicator).check_device(device)
