@@ -1,4 +1,5 @@
-"""Name lookup shared by activations, losses, optimizers, metrics and layers: spec (name, config or object) -> object.
+"""Name lookup shared by activations, losses, optimizers, metrics and layers: spec (name, config or object) -> object;
+and the config-object protocol of the small named classes (activations, initializers, regularizers, schedules).
 
 Only turns user specs into instances; holds no math.
 """
@@ -31,3 +32,23 @@ def resolve(kind: str, table: dict, spec, base: type, aliases: dict | None = Non
         return table[name](**config)
     except TypeError as exc:
         raise ValueError(f"bad arguments for {kind} {name!r}: {config!r} ({exc})") from exc
+
+
+class Configurable:
+    """What the small named classes share: ``get_config()`` (``{"name": ..., **constructor arguments}``) gives the
+    repr and equality (same class, same config); instances stay hashable by identity."""
+
+    def get_config(self) -> dict:
+        return {"name": self.name}
+
+    def __repr__(self):
+        try:
+            args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
+        except NotImplementedError:
+            args = "..."
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    __hash__ = object.__hash__

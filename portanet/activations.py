@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from ._checks import real
-from ._registry import resolve
+from ._registry import Configurable, resolve
 
 __all__ = [
     "ActivationFunction", "Linear", "ReLU", "LeakyReLU", "ELU", "GELU", "Sigmoid", "Tanh", "Softplus", "Softmax",
@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 
-class ActivationFunction:
+class ActivationFunction(Configurable):
     """Base class: ``forward(z, xp) -> a`` and ``backward(grad_a, z, a, xp) -> grad_z``.
 
     Subclass it for a custom activation; set ``needs_input = False`` when ``backward`` only reads ``a``
@@ -41,18 +41,6 @@ class ActivationFunction:
 
     def backward(self, grad, z, a, xp):
         raise NotImplementedError
-
-    def get_config(self) -> dict:
-        return {"name": self.name}
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    __hash__ = object.__hash__
 
 
 class Linear(ActivationFunction):

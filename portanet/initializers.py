@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from ._registry import resolve
+from ._registry import Configurable, resolve
 
 __all__ = [
     "Initializer", "Zeros", "Ones", "Constant", "Identity", "RandomNormal", "RandomUniform", "TruncatedNormal",
@@ -72,7 +72,7 @@ def _truncated_normal(rng, shape, mean: float, stddev: float) -> np.ndarray:
     return mean + stddev * z
 
 
-class Initializer:
+class Initializer(Configurable):
     """Base class: ``__call__(shape, rng) -> numpy.ndarray`` of float64 values of ``shape`` drawn from the NumPy
     Generator ``rng``. Subclass it (override ``_draw(shape, rng)`` and ``get_config``) for your own."""
 
@@ -84,18 +84,6 @@ class Initializer:
 
     def _draw(self, shape, rng):
         raise NotImplementedError
-
-    def get_config(self) -> dict:
-        return {"name": self.name}
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    __hash__ = object.__hash__
 
 
 class Zeros(Initializer):

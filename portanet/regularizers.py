@@ -11,7 +11,7 @@ import numbers
 
 import array_api_compat
 
-from ._registry import resolve
+from ._registry import Configurable, resolve
 
 __all__ = ["Regularizer", "L1", "L2", "L1L2", "get", "REGULARIZERS"]
 
@@ -22,7 +22,7 @@ def _factor(owner: str, arg: str, value) -> float:
     return float(value)
 
 
-class Regularizer:
+class Regularizer(Configurable):
     """Base class: ``__call__(w, xp)`` -> the penalty (0-d array on ``w``'s device), ``gradient(w, xp)`` -> its
     derivative with respect to ``w`` (same shape as ``w``), to be added to the loss and to ``w``'s gradient."""
 
@@ -33,18 +33,6 @@ class Regularizer:
 
     def gradient(self, w, xp):
         raise NotImplementedError
-
-    def get_config(self) -> dict:
-        return {"name": self.name}
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    __hash__ = object.__hash__
 
 
 class L1L2(Regularizer):

@@ -10,7 +10,7 @@ import bisect
 import math
 import numbers
 
-from ._registry import resolve
+from ._registry import Configurable, resolve
 
 __all__ = [
     "LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay", "PolynomialDecay", "InverseTimeDecay",
@@ -41,7 +41,7 @@ def _step(owner: str, step) -> int:
     return int(step)
 
 
-class LearningRateSchedule:
+class LearningRateSchedule(Configurable):
     """Base class: ``__call__(step) -> float``, the learning rate of the optimizer step ``step`` (0-based: the
     number of updates already made), a host float.
 
@@ -62,18 +62,6 @@ class LearningRateSchedule:
     def from_config(cls, config: dict) -> "LearningRateSchedule":
         """Rebuild from ``get_config()`` (the ``"name"`` key is ignored)."""
         return cls(**{k: v for k, v in config.items() if k != "name"})
-
-    def __repr__(self):
-        try:
-            args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
-        except NotImplementedError:
-            args = "..."
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    __hash__ = object.__hash__
 
 
 class ExponentialDecay(LearningRateSchedule):
