@@ -12,6 +12,7 @@ import numbers
 
 import numpy as np
 
+from ._checks import real
 from ._registry import Configurable, resolve
 
 __all__ = [
@@ -22,15 +23,6 @@ __all__ = [
 
 TRUNCATED_STDDEV = 0.87962566103423978  # std of a standard normal truncated to [-2, 2] (Keras's constant)
 
-
-def _real(owner: str, arg: str, value, minimum: float | None = None, strict: bool = False) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and minimum is not None:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"{owner} {arg} must be a finite number{bound}, got {value!r}")
-    return float(value)
 
 
 def _shape(owner: str, shape) -> tuple:
@@ -106,7 +98,7 @@ class Constant(Initializer):
     name = "constant"
 
     def __init__(self, value: float = 0.0):
-        self.value = _real("Constant", "value", value)
+        self.value = real("Constant", "value", value)
 
     def _draw(self, shape, rng):
         return np.full(shape, self.value)
@@ -121,7 +113,7 @@ class Identity(Initializer):
     name = "identity"
 
     def __init__(self, gain: float = 1.0):
-        self.gain = _real("Identity", "gain", gain)
+        self.gain = real("Identity", "gain", gain)
 
     def _draw(self, shape, rng):
         if len(shape) != 2:
@@ -138,8 +130,8 @@ class RandomNormal(Initializer):
     name = "random_normal"
 
     def __init__(self, mean: float = 0.0, stddev: float = 0.05):
-        self.mean = _real("RandomNormal", "mean", mean)
-        self.stddev = _real("RandomNormal", "stddev", stddev, minimum=0.0)
+        self.mean = real("RandomNormal", "mean", mean)
+        self.stddev = real("RandomNormal", "stddev", stddev, 0.0)
 
     def _draw(self, shape, rng):
         return rng.normal(self.mean, self.stddev, shape)
@@ -155,8 +147,8 @@ class TruncatedNormal(Initializer):
     name = "truncated_normal"
 
     def __init__(self, mean: float = 0.0, stddev: float = 0.05):
-        self.mean = _real("TruncatedNormal", "mean", mean)
-        self.stddev = _real("TruncatedNormal", "stddev", stddev, minimum=0.0)
+        self.mean = real("TruncatedNormal", "mean", mean)
+        self.stddev = real("TruncatedNormal", "stddev", stddev, 0.0)
 
     def _draw(self, shape, rng):
         return _truncated_normal(rng, shape, self.mean, self.stddev)
@@ -171,8 +163,8 @@ class RandomUniform(Initializer):
     name = "random_uniform"
 
     def __init__(self, minval: float = -0.05, maxval: float = 0.05):
-        self.minval = _real("RandomUniform", "minval", minval)
-        self.maxval = _real("RandomUniform", "maxval", maxval)
+        self.minval = real("RandomUniform", "minval", minval)
+        self.maxval = real("RandomUniform", "maxval", maxval)
         if self.maxval < self.minval:
             raise ValueError(f"RandomUniform maxval must be >= minval, got minval={minval!r}, maxval={maxval!r}")
 
@@ -198,7 +190,7 @@ class VarianceScaling(Initializer):
 
     def __init__(self, scale: float = 1.0, mode: str = "fan_in", distribution: str = "truncated_normal"):
         owner = type(self).__name__
-        self.scale = _real(owner, "scale", scale, minimum=0.0, strict=True)
+        self.scale = real(owner, "scale", scale, 0.0, low_open=True)
         if mode not in ("fan_in", "fan_out", "fan_avg"):
             raise ValueError(f"{owner} mode must be 'fan_in', 'fan_out' or 'fan_avg', got {mode!r}")
         dist = distribution.lower() if isinstance(distribution, str) else distribution
@@ -283,7 +275,7 @@ class Orthogonal(Initializer):
     name = "orthogonal"
 
     def __init__(self, gain: float = 1.0):
-        self.gain = _real("Orthogonal", "gain", gain)
+        self.gain = real("Orthogonal", "gain", gain)
 
     def _draw(self, shape, rng):
         if len(shape) < 2:

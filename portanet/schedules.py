@@ -10,6 +10,7 @@ import bisect
 import math
 import numbers
 
+from ._checks import real
 from ._registry import Configurable, resolve
 
 __all__ = [
@@ -17,16 +18,6 @@ __all__ = [
     "CosineDecay", "CosineDecayRestarts", "OneCycle", "get", "SCHEDULES",
 ]
 
-
-def _real(owner: str, arg: str, value, *, minimum: float | None = None, strict: bool = False) -> float:
-    """``value`` as a finite float, at least (``strict``: above) ``minimum``; else ValueError naming ``arg``."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and minimum is not None:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"{owner} {arg} must be a finite number{bound}, got {value!r}")
-    return float(value)
 
 
 def _flag(owner: str, arg: str, value) -> bool:
@@ -71,9 +62,9 @@ class ExponentialDecay(LearningRateSchedule):
 
     def __init__(self, initial_learning_rate: float, decay_steps: float, decay_rate: float, staircase: bool = False):
         owner = "ExponentialDecay"
-        self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate, minimum=0.0)
-        self.decay_steps = _real(owner, "decay_steps", decay_steps, minimum=0.0, strict=True)
-        self.decay_rate = _real(owner, "decay_rate", decay_rate, minimum=0.0, strict=True)
+        self.initial_learning_rate = real(owner, "initial_learning_rate", initial_learning_rate, 0.0)
+        self.decay_steps = real(owner, "decay_steps", decay_steps, 0.0, low_open=True)
+        self.decay_rate = real(owner, "decay_rate", decay_rate, 0.0, low_open=True)
         self.staircase = _flag(owner, "staircase", staircase)
 
     def __call__(self, step):
@@ -99,8 +90,8 @@ class PiecewiseConstantDecay(LearningRateSchedule):
         if len(boundaries) != len(values) - 1:
             raise ValueError(f"{owner} needs one more value than boundaries, got {len(boundaries)} boundaries and "
                              f"{len(values)} values")
-        self.boundaries = [_real(owner, f"boundaries[{i}]", b) for i, b in enumerate(boundaries)]
-        self.values = [_real(owner, f"values[{i}]", v, minimum=0.0) for i, v in enumerate(values)]
+        self.boundaries = [real(owner, f"boundaries[{i}]", b) for i, b in enumerate(boundaries)]
+        self.values = [real(owner, f"values[{i}]", v, 0.0) for i, v in enumerate(values)]
         if any(b >= c for b, c in zip(self.boundaries, self.boundaries[1:])):
             raise ValueError(f"{owner} boundaries must increase strictly, got {list(boundaries)!r}")
 
@@ -120,10 +111,10 @@ class PolynomialDecay(LearningRateSchedule):
     def __init__(self, initial_learning_rate: float, decay_steps: float, end_learning_rate: float = 0.0001,
                  power: float = 1.0, cycle: bool = False):
         owner = "PolynomialDecay"
-        self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate, minimum=0.0)
-        self.decay_steps = _real(owner, "decay_steps", decay_steps, minimum=0.0, strict=True)
-        self.end_learning_rate = _real(owner, "end_learning_rate", end_learning_rate, minimum=0.0)
-        self.power = _real(owner, "power", power, minimum=0.0, strict=True)
+        self.initial_learning_rate = real(owner, "initial_learning_rate", initial_learning_rate, 0.0)
+        self.decay_steps = real(owner, "decay_steps", decay_steps, 0.0, low_open=True)
+        self.end_learning_rate = real(owner, "end_learning_rate", end_learning_rate, 0.0)
+        self.power = real(owner, "power", power, 0.0, low_open=True)
         self.cycle = _flag(owner, "cycle", cycle)
 
     def __call__(self, step):
@@ -148,9 +139,9 @@ class InverseTimeDecay(LearningRateSchedule):
 
     def __init__(self, initial_learning_rate: float, decay_steps: float, decay_rate: float, staircase: bool = False):
         owner = "InverseTimeDecay"
-        self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate, minimum=0.0)
-        self.decay_steps = _real(owner, "decay_steps", decay_steps, minimum=0.0, strict=True)
-        self.decay_rate = _real(owner, "decay_rate", decay_rate, minimum=0.0)
+        self.initial_learning_rate = real(owner, "initial_learning_rate", initial_learning_rate, 0.0)
+        self.decay_steps = real(owner, "decay_steps", decay_steps, 0.0, low_open=True)
+        self.decay_rate = real(owner, "decay_rate", decay_rate, 0.0)
         self.staircase = _flag(owner, "staircase", staircase)
 
     def __call__(self, step):
@@ -180,12 +171,11 @@ class CosineDecay(LearningRateSchedule):
     def __init__(self, initial_learning_rate: float, decay_steps: float, alpha: float = 0.0,
                  warmup_target: float | None = None, warmup_steps: int = 0):
         owner = "CosineDecay"
-        self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate, minimum=0.0)
-        self.decay_steps = _real(owner, "decay_steps", decay_steps, minimum=0.0, strict=True)
-        self.alpha = _real(owner, "alpha", alpha, minimum=0.0)
-        self.warmup_target = None if warmup_target is None else _real(owner, "warmup_target", warmup_target,
-                                                                       minimum=0.0)
-        self.warmup_steps = _real(owner, "warmup_steps", warmup_steps, minimum=0.0)
+        self.initial_learning_rate = real(owner, "initial_learning_rate", initial_learning_rate, 0.0)
+        self.decay_steps = real(owner, "decay_steps", decay_steps, 0.0, low_open=True)
+        self.alpha = real(owner, "alpha", alpha, 0.0)
+        self.warmup_target = None if warmup_target is None else real(owner, "warmup_target", warmup_target, 0.0)
+        self.warmup_steps = real(owner, "warmup_steps", warmup_steps, 0.0)
 
     def __call__(self, step):
         step = _step("CosineDecay", step)
@@ -220,11 +210,11 @@ class CosineDecayRestarts(LearningRateSchedule):
     def __init__(self, initial_learning_rate: float, first_decay_steps: float, t_mul: float = 2.0,
                  m_mul: float = 1.0, alpha: float = 0.0):
         owner = "CosineDecayRestarts"
-        self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate, minimum=0.0)
-        self.first_decay_steps = _real(owner, "first_decay_steps", first_decay_steps, minimum=0.0, strict=True)
-        self.t_mul = _real(owner, "t_mul", t_mul, minimum=1.0)
-        self.m_mul = _real(owner, "m_mul", m_mul, minimum=0.0)
-        self.alpha = _real(owner, "alpha", alpha, minimum=0.0)
+        self.initial_learning_rate = real(owner, "initial_learning_rate", initial_learning_rate, 0.0)
+        self.first_decay_steps = real(owner, "first_decay_steps", first_decay_steps, 0.0, low_open=True)
+        self.t_mul = real(owner, "t_mul", t_mul, 1.0)
+        self.m_mul = real(owner, "m_mul", m_mul, 0.0)
+        self.alpha = real(owner, "alpha", alpha, 0.0)
 
     def _period_start(self, i: int) -> float:
         """The step at which period ``i`` starts, ``first * (t_mul**i - 1) / (t_mul - 1)``, snapped to the nearest
@@ -273,18 +263,18 @@ class OneCycle(LearningRateSchedule):
                  anneal_strategy: str = "cos", div_factor: float = 25.0, final_div_factor: float = 1e4,
                  three_phase: bool = False):
         owner = "OneCycle"
-        self.max_learning_rate = _real(owner, "max_learning_rate", max_learning_rate, minimum=0.0, strict=True)
+        self.max_learning_rate = real(owner, "max_learning_rate", max_learning_rate, 0.0, low_open=True)
         if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps <= 0:
             raise ValueError(f"{owner} total_steps must be an integer > 0, got {total_steps!r}")
         self.total_steps = int(total_steps)
-        self.pct_start = _real(owner, "pct_start", pct_start, minimum=0.0)
+        self.pct_start = real(owner, "pct_start", pct_start, 0.0)
         if self.pct_start > 1:
             raise ValueError(f"{owner} pct_start must be in [0, 1], got {pct_start!r}")
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(f"{owner} anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
         self.anneal_strategy = anneal_strategy
-        self.div_factor = _real(owner, "div_factor", div_factor, minimum=0.0, strict=True)
-        self.final_div_factor = _real(owner, "final_div_factor", final_div_factor, minimum=0.0, strict=True)
+        self.div_factor = real(owner, "div_factor", div_factor, 0.0, low_open=True)
+        self.final_div_factor = real(owner, "final_div_factor", final_div_factor, 0.0, low_open=True)
         self.three_phase = _flag(owner, "three_phase", three_phase)
         initial = self.max_learning_rate / self.div_factor
         low = initial / self.final_div_factor
