@@ -4,6 +4,7 @@ import ast
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +244,16 @@ def test_cupy_kernels_are_off_unless_enabled(monkeypatch):
 
     monkeypatch.delenv(KERNELS_ENV, raising=False)
     assert CupyDevice(None, None, "cuda:0").kernels is None  # decided without importing cupy
-    assert CupyDevice(None, None, "cuda:0").portable().kernels is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a copy stays a CuPy device: never re-resolved by name (CPU fallback)
+        twin = CupyDevice(None, None, "cuda:0").portable()
+    assert type(twin) is CupyDevice and twin.name == "cuda:0" and twin.kernels is None
+
+
+def test_portable_is_the_same_device_without_kernels(device):
+    twin = device.portable()
+    assert type(twin) is type(device) and twin == device and twin.xp is device.xp and twin.kernels is None
+    assert twin.device == device.device
 
 
 # -- the package's shape ------------------------------------------------------------------------------------------

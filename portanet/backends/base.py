@@ -315,6 +315,12 @@ class Device(abc.ABC):
         """Pickled by library and name; unpickled with :func:`restore_device` (the CPU where it is missing)."""
         return restore_device, (self.backend, self.name)
 
+    def __copy__(self):
+        """A shallow copy in this process: the same library, device and state (``__reduce__`` is for pickles)."""
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
     @property
     def kernels(self):
         """In-place kernels for this device (:class:`portanet.backends.numpy.Kernels`), or None: portable math only."""
