@@ -263,3 +263,28 @@ def test_set_parameters_with_tensors_that_require_grad_keeps_the_model_trainable
     model.fit(X, LABELS, epochs=1, batch_size=16, verbose=0)
     assert float(model.parameter_buffer.values.abs().sum()) > 0 and not model.parameter_buffer.values.requires_grad
     assert all(v.grad is None for v in values.values())
+
+
+def test_fit_on_torch_cuda_does_not_synchronise_per_batch(device):
+    """GPU only (the torch-cuda case; ci/gpu-check runs it): torch's sync debug mode counts the host waits of a
+    shuffled epoch with a validation set; the loss is read once per epoch, so far fewer waits than batches."""
+    if device.backend != "torch" or not device.name.startswith("cuda"):
+        pytest.skip("counts CUDA synchronisations: torch on a GPU only")
+    import warnings
+
+    import torch
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((2048, 16)).astype(np.float32), rng.integers(0, 3, 2048)
+    model = pn.Model([pn.Dense(32, "relu"), pn.Dense(3, "softmax")], device=device, seed=0)
+    model.compile("sparse_categorical_crossentropy", "adam", ["accuracy"])
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)  # warm-up: build, allocator, kernels
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, epochs=1, batch_size=32, validation_data=(x[:256], y[:256]), verbose=0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 8, f"{len(syncs)} synchronisations for 64 batches: {syncs[:5]}"
