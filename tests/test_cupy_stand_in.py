@@ -7,7 +7,8 @@ No machine of ours has a GPU, so two things are run here against imitations of C
   array arguments, and Python float scalars are cast to ``T`` (``_decide_params_type_core``, ``CScalar.apply_dtype``);
 - the prefetch's stream protocol, on a simulated GPU whose streams run their work as late as the events allow
   (only when the host or another stream waits for it) or, for the compute stream, at once: either order is one a
-  real GPU may take, and each shows a missing event or host wait as a wrong batch.
+  real GPU may take, and each shows a missing event or host wait as a wrong batch (four of the five; the side
+  stream's wait before writing fresh device memory would need a model of CuPy's memory pool, which this lacks).
 """
 
 from __future__ import annotations
