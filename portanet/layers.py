@@ -128,7 +128,8 @@ class Layer(Owned):
 
     def backward(self, grad_out, cache, need_input_grad: bool = True):
         """dL/d(output) (batch, out) -> dL/d(input) (batch, in), or None when ``need_input_grad`` is False; writes
-        parameter gradients into the bound gradient views."""
+        parameter gradients into the bound gradient views. A model calls it for the layers from the output down to
+        the first layer with parameters only (``grad_out`` is never None)."""
         raise NotImplementedError
 
     def updated_state(self, cache) -> dict:

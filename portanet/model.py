@@ -332,6 +332,8 @@ class Model:
         for i in range(last, -1, -1):
             fused = {"fused": True} if logits is not None and i == last else {}
             grad = self.layers[i].backward(grad, caches[i], self._need_input_grad[i], **fused)
+            if not self._need_input_grad[i]:  # no layer below has parameters (input dropout, an activation or a
+                break                         # bare normalization first): nothing is left to backpropagate
         loss = self._penalty(loss, accumulate_grads=True)
         self._state_updates = [(layer, layer.updated_state(caches[i])) for i, layer in self._stateful] \
             if training else []

@@ -642,8 +642,10 @@ class _BaseMLP(BaseEstimator):
     # -- pickling ----------------------------------------------------------------------------------------------------
     def __getstate__(self):
         """The model travels as the bytes of a portanet safetensors file (weights and optimizer state; no pickled
-        arrays); its device by name. Unpickling restores it there, or on the CPU (with a warning) where that device
-        does not exist."""
+        arrays) with its random generators' states (JSON-able: dropout masks go on as the original's would, as
+        scikit-learn's pickled random state does for its shuffles); its device by name. Unpickling restores it
+        there, or on the CPU (with a warning) where that device does not exist (a dropout generator of another kind
+        then restarts from its seed)."""
         state = dict(super().__getstate__())  # object.__getstate__ hands out the live __dict__
         model = state.pop("_model", None)
         state.pop("_best", None)
@@ -656,12 +658,14 @@ class _BaseMLP(BaseEstimator):
                 with open(path, "rb") as f:
                     state["_model_file"] = f.read()
             state["_model_place"] = (model.device.backend, model.device.name, model.dtype, model.input_dim)
+            state["_model_random"] = model.random_state()
             state["_optimizer_spec"] = _optimizer_spec(self._optimizer)
         return state
 
     def __setstate__(self, state):
         data, place = state.pop("_model_file", None), state.pop("_model_place", None)
         spec = state.pop("_optimizer_spec", None)
+        random = state.pop("_model_random", None)  # absent from pickles written before it was kept
         super().__setstate__(state)
         self._model = self._optimizer = None
         if data is None:
@@ -687,6 +691,8 @@ class _BaseMLP(BaseEstimator):
             with open(path, "wb") as f:
                 f.write(data)
             self._model = _io.load(path, factory, check_config=False)
+        if random is not None:
+            self._model.set_random_state(random)
         if spec is not None:
             self._optimizer = optimizer
         self._best = self._model.snapshot()

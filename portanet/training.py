@@ -458,9 +458,9 @@ class _Guard:
 
     In host memory each step's loss (and batch) is read before its update, so a bad step never reaches the weights.
     On other devices nothing is read per step: flags accumulate on the device and ride along with the periodic read
-    of the running loss (:class:`_Totals`), together with a check that the weights are finite. Each read that finds
-    everything finite takes a snapshot (on the host only at epoch ends, as a fallback for an update that
-    overflowed); a failure puts the last snapshot back. ``training=False`` (evaluation) checks batches only.
+    of the running loss (:class:`_Totals`), together with a check that the weights are finite (on every device: an
+    update can overflow while the loss is finite). Each read that finds everything finite takes a snapshot, on the
+    host too; a failure puts the last snapshot back. ``training=False`` (evaluation) checks batches only.
     ``deferred``: track on the device even in host memory (data-parallel training: the flags are reduced over ranks
     with the totals, so every rank stops at the same step).
     """
@@ -475,7 +475,7 @@ class _Guard:
     def passed(self, epoch, step):
         """A read found everything finite up to ``step`` of ``epoch`` (0-based): snapshot and restart the flags."""
         xp, dev = self.model.xp, self.model.device
-        if self.training and not (self.host and step):
+        if self.training:
             self.saved = self.model.snapshot(training=True)
             self.saved.label = "the start of training" if epoch == step == 0 else (
                 f"the end of epoch {epoch}" if step == 0 else f"step {step} of epoch {epoch + 1}")

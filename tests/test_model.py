@@ -189,3 +189,35 @@ def test_seed_makes_training_reproducible():
     b.fit(X, LABELS, epochs=2, verbose=0)
     for name, value in _host(a).items():
         np.testing.assert_array_equal(value, _host(b)[name])
+
+
+_LEADING = {  # a first layer without parameters, and what it computes in training on a whole batch (float64)
+    "dropout": (lambda: pn.Dropout(1e-12), lambda x: x * (1.0 / (1.0 - 1e-12))),  # keeps every row, scaled
+    "activation": (lambda: pn.Activation("tanh"), np.tanh),
+    "batch_normalization": (lambda: pn.BatchNormalization(center=False, scale=False),
+                            lambda x: (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3)),
+    "layer_normalization": (lambda: pn.LayerNormalization(center=False, scale=False),
+                            lambda x: (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-3)),
+}
+
+
+@pytest.mark.parametrize("lead", list(_LEADING))
+def test_a_first_layer_without_parameters_trains_like_its_output_fed_to_the_rest(device, lead):
+    """Input dropout (Keras's Dropout on the inputs), an activation or a bare normalization first: no layer before
+    the first Dense needs a gradient, and backprop stopped there. It used to go on and hand None to the first layer
+    (a TypeError from fit, train_step and loss_and_grads(training=True) for all but LayerNormalization)."""
+    make, transform = _LEADING[lead]
+    model = pn.Model([make(), pn.Dense(3, "softmax")], device=device, dtype="float64", seed=0)
+    model.compile("sparse_categorical_crossentropy", pn.SGD(lr=0.1)).build(6)
+    twin = pn.Model([pn.Dense(3, "softmax")], device=device, dtype="float64", seed=1)
+    twin.compile("sparse_categorical_crossentropy", pn.SGD(lr=0.1)).build(6)
+    twin.set_parameters({k: to_numpy(v) for k, v in model.parameters().items()})
+    loss, grads = model.loss_and_grads(X, LABELS, training=True)
+    twin_loss, twin_grads = twin.loss_and_grads(transform(X), LABELS, training=True)
+    assert loss == pytest.approx(twin_loss, rel=1e-12)
+    for name, grad in grads.items():
+        assert_close(grad, twin_grads[name], device=device, rtol=1e-10, atol=1e-12)
+    model.fit(X, LABELS, epochs=3, batch_size=40, shuffle=False, verbose=0)
+    twin.fit(transform(X), LABELS, epochs=3, batch_size=40, shuffle=False, verbose=0)
+    for name, value in _host(model).items():
+        np.testing.assert_allclose(value, _host(twin)[name], rtol=1e-10, atol=1e-12)

@@ -4,6 +4,7 @@ scikit-learn's MLP to rounding (same initialization, batches, updates, schedules
 
 from __future__ import annotations
 
+import copy
 import pickle
 import subprocess
 import sys
@@ -425,6 +426,23 @@ def test_pickle_carries_a_safetensors_model_and_training_continues_identically()
             e.partial_fit(X_DIGITS, Y_DIGITS)
     for a, b in zip(copy.coefs_ + copy.intercepts_, est.coefs_ + est.intercepts_):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_pickle_or_deepcopy_with_dropout_continues_training_as_the_original_would(device):
+    """scikit-learn pickles its random state, so a copy's partial_fit and warm start go on as the original's: with
+    dropout the copy must carry the dropout generator's state too (it restarted from the seed: other masks)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = MLPClassifier(hidden_layer_sizes=(16,), dropout=0.3, max_iter=2, random_state=0,
+                            **_where(device)).fit(X_DIGITS, Y_DIGITS)
+        copies = [pickle.loads(pickle.dumps(est)), copy.deepcopy(est)]
+        for e in (est, *copies):
+            e.partial_fit(X_DIGITS, Y_DIGITS)
+            e.set_params(warm_start=True, max_iter=1)
+            e.fit(X_DIGITS, Y_DIGITS)
+    for twin in copies:
+        for a, b in zip(twin.coefs_ + twin.intercepts_, est.coefs_ + est.intercepts_):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("make, X, y", [

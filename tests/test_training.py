@@ -249,6 +249,31 @@ def test_a_non_finite_loss_is_caught_at_the_next_log_read_on_a_device(device):
 
 
 @overflow
+def test_an_update_that_overflows_mid_epoch_goes_back_to_the_last_read_on_every_backend(device):
+    """Weights that overflow (the loss still finite) are found at the next read; the model goes back to the state
+    the read before found finite, on the host as on a device (the host kept only epoch-end snapshots: the whole
+    epoch's steps were lost, at a log_every read's cost and against the README's 'last state checked finite')."""
+    model = pn.Model([pn.Dense(3, "tanh"), pn.Dense(1)], device=device, seed=0).compile("mse", pn.SGD(lr=1e-4))
+    reads = {}
+
+    class Explode(pn.Callback):
+        def on_log(self, step, logs=None):
+            reads[step] = (_host(model), model.optimizer.iterations)
+
+        def on_batch_end(self, step, loss=None):
+            if step == 4:
+                self.model.optimizer.learning_rate = 1e38  # step 5's update overflows; its loss was finite
+
+    with pytest.raises(FloatingPointError, match=r"the weights or the optimizer state became NaN or inf during "
+                                                 r"epoch 1 .*keeps the weights from step 4 of epoch 1\."):
+        model.fit(X, X[:, :1] * 1e3, epochs=1, batch_size=10, shuffle=False, verbose=0, log_every=2,
+                  callbacks=[Explode()])
+    assert sorted(reads) == [1, 3]
+    assert_close(model.parameter_buffer.values, reads[3][0], device=device, rtol=0, atol=0)
+    assert model.optimizer.iterations == reads[3][1] == 4
+
+
+@overflow
 def test_an_update_that_overflows_the_weights_is_undone_from_the_last_snapshot(device):
     model = pn.Model([pn.Dense(3, "tanh"), pn.Dense(1)], device=device, seed=0).compile("mse", pn.SGD(lr=1e38))
     model.build(4)
