@@ -542,6 +542,7 @@ def batches(x, y=None, *, batch_size=32, shuffle=False, seed=None, device="cpu",
     """Iterate ``(x_batch, y_batch)`` on ``device`` for custom training loops (``y_batch`` None without ``y``).
 
     ``x`` and ``y`` are anything :class:`Batches` takes (``x`` alone may be an iterable of ``(x, y)`` batches).
+    ``x`` batches come as ``dtype`` (float32 by default: pass ``dtype=model.dtype`` for a float64 model).
     """
     for xb, yb, _ in Batches(x, y, batch_size=batch_size, shuffle=shuffle, rng=seed, device=device, dtype=dtype,
                              y_dtype=y_dtype, steps_per_epoch=steps_per_epoch, prefetch=prefetch):
