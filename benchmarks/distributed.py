@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _markdown import write_section  # a sibling module: this folder is sys.path[0] when the script runs
+
 WIDTHS = (784, 512, 256, 10)
 MARKERS = ("<!-- distributed:begin -->", "<!-- distributed:end -->")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -251,19 +253,6 @@ def markdown(rep) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path, text=None):
-    """Replace what lies between the :data:`MARKERS` in ``path`` with ``text`` (None: only check they are there)."""
-    with open(path) as f:
-        doc = f.read()
-    begin, end = MARKERS
-    if doc.count(begin) != 1 or doc.count(end) != 1:
-        raise SystemExit(f"--markdown {path}: expected the lines {begin} and {end} once each")
-    head, rest = doc.split(begin, 1)
-    if text is not None:
-        with open(path, "w") as f:
-            f.write(f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,10 +275,10 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     if args.markdown:
-        write_section(args.markdown)  # fail before measuring, not after
+        write_section(args.markdown, MARKERS)  # fail before measuring, not after
     rep = report(args)
     if args.markdown:
-        write_section(args.markdown, markdown(rep))
+        write_section(args.markdown, MARKERS, markdown(rep))
     print(json.dumps(rep, indent=1) if args.json else markdown(rep))
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from _markdown import write_section  # a sibling module: this folder is sys.path[0] when the script runs
+
 MARKERS = ("<!-- gpu-results:begin -->", "<!-- gpu-results:end -->")
 CONTESTANTS = (("portanet_portable", "portanet (shipped: kernels off)"), ("portanet", "portanet, CuPy kernels on"),
                ("pytorch", "PyTorch CUDA (fused Adam)"), ("pytorch_default_adam", "PyTorch CUDA (default Adam)"),
@@ -84,17 +86,6 @@ def tables(report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path, text):
-    with open(path) as f:
-        doc = f.read()
-    begin, end = MARKERS
-    if doc.count(begin) != 1 or doc.count(end) != 1:
-        raise SystemExit(f"--markdown {path}: expected the lines {begin} and {end} once each")
-    head, rest = doc.split(begin, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", help="the JSON ci/gpu-check printed (benchmarks/gpu-results.json)")
@@ -103,7 +94,7 @@ def main(argv=None):
     with open(args.results) as f:
         text = tables(json.load(f))
     if args.markdown:
-        write_section(args.markdown, text)
+        write_section(args.markdown, MARKERS, text)
     else:
         print(text, end="")
     return text

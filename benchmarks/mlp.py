@@ -23,6 +23,8 @@ import numpy as np
 
 import portanet as pn
 
+from _markdown import write_section  # a sibling module: this folder is sys.path[0] when the script runs
+
 SHAPES = {  # name -> (widths, batch size)
     "typical": ((784, 512, 256, 10), 128),
     "throughput": ((784, 512, 256, 10), 1024),
@@ -510,20 +512,6 @@ def markdown(report) -> str:
 MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
 
 
-def write_section(path, text=None):
-    """Replace what lies between the :data:`MARKERS` in ``path`` with ``text`` (None: only check they are there)."""
-    with open(path) as f:
-        doc = f.read()
-    begin, end = MARKERS
-    if doc.count(begin) != 1 or doc.count(end) != 1:
-        raise SystemExit(f"--markdown {path}: expected the lines {begin} and {end} once each")
-    head, rest = doc.split(begin, 1)
-    tail = rest.split(end, 1)[1]
-    if text is not None:
-        with open(path, "w") as f:
-            f.write(f"{head}{begin}\n{text}{end}{tail}")
-
-
 def plot(report, path):
     import matplotlib
 
@@ -577,7 +565,7 @@ def main(argv=None):
     global clock
     args = parse_args(argv)
     if args.markdown:
-        write_section(args.markdown)  # fail before measuring, not after
+        write_section(args.markdown, MARKERS)  # fail before measuring, not after
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads is None:
         args.threads = _numpy_blas_threads()
@@ -606,7 +594,7 @@ def main(argv=None):
     if args.plot and "sweep" in report:
         plot(report, args.plot)
     if args.markdown:
-        write_section(args.markdown, markdown(report))
+        write_section(args.markdown, MARKERS, markdown(report))
     print(json.dumps(report, indent=1) if args.json else markdown(report))
     return report
 

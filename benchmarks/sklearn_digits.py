@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import portanet as pn  # noqa: E402
 from portanet.sklearn import MLPClassifier as PortanetMLP  # noqa: E402
+from _markdown import write_section  # noqa: E402 (a sibling module: this folder is sys.path[0] in a script)
 
 MARKERS = ("<!-- sklearn-digits:begin -->", "<!-- sklearn-digits:end -->")
 
@@ -145,16 +146,6 @@ def markdown(report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path, text):
-    """Replace what lies between :data:`MARKERS` in ``path`` with ``text``."""
-    doc = Path(path).read_text()
-    begin, end = MARKERS
-    if doc.count(begin) != 1 or doc.count(end) != 1:
-        raise SystemExit(f"--markdown {path}: expected the lines {begin} and {end} once each")
-    head, rest = doc.split(begin, 1)
-    Path(path).write_text(f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=5, help="seeds (splits and initializations), default 5")
@@ -188,7 +179,7 @@ def main(argv=None):
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.markdown:
-        write_section(args.markdown, table)
+        write_section(args.markdown, MARKERS, table)
 
 
 if __name__ == "__main__":
