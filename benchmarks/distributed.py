@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _markdown import write_section  # a sibling module: this folder is sys.path[0] when the script runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper, however this file is loaded
+from _markdown import write_section  # noqa: E402
 
 WIDTHS = (784, 512, 256, 10)
 MARKERS = ("<!-- distributed:begin -->", "<!-- distributed:end -->")

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-from _markdown import write_section  # a sibling module: this folder is sys.path[0] when the script runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper, however this file is loaded
+from _markdown import write_section  # noqa: E402
 
 MARKERS = ("<!-- gpu-results:begin -->", "<!-- gpu-results:end -->")
 CONTESTANTS = (("portanet_portable", "portanet (shipped: kernels off)"), ("portanet", "portanet, CuPy kernels on"),

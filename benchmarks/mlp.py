@@ -18,12 +18,14 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 import portanet as pn
 
-from _markdown import write_section  # a sibling module: this folder is sys.path[0] when the script runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper, however this file is loaded
+from _markdown import write_section  # noqa: E402
 
 SHAPES = {  # name -> (widths, batch size)
     "typical": ((784, 512, 256, 10), 128),

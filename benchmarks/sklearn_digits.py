@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import portanet as pn  # noqa: E402
 from portanet.sklearn import MLPClassifier as PortanetMLP  # noqa: E402
-from _markdown import write_section  # noqa: E402 (a sibling module: this folder is sys.path[0] in a script)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper, however this file is loaded
+from _markdown import write_section  # noqa: E402
 
 MARKERS = ("<!-- sklearn-digits:begin -->", "<!-- sklearn-digits:end -->")
 

@@ -22,8 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _module(relative):
     path = ROOT / relative
-    if str(path.parent) not in sys.path:  # as when the script runs: its folder first (sibling helpers)
-        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"portanet_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
